@@ -1,0 +1,212 @@
+"""Schemas of every record the swarm stores in the DHT (pydantic models, msgpack on the wire).
+
+Each record kind of :class:`~swarmtrain.dht.keys.RecordKind` has one model here. Records that fail validation are
+dropped by :class:`~swarmtrain.dht.validator.SwarmRecordValidator` before anyone reads them, so everything that
+comes out of :class:`~swarmtrain.dht.directory.SwarmDirectory` already satisfies these schemas. Strings that
+peers choose (names, versions, devices) are length-limited here; the dashboard still escapes them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from swarmtrain.dht.keys import RUN_ID_PATTERN, RecordKind
+
+Modality = Literal["text", "image", "audio"]
+MODALITIES: tuple[str, ...] = ("text", "image", "audio")
+FORMAT_VERSION = 1
+
+PeerIdStr = Annotated[str, StringConstraints(pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,64}$")]  # base58
+ShortText = Annotated[str, StringConstraints(max_length=64)]
+MaddrStr = Annotated[str, StringConstraints(max_length=256)]
+ExpertUidStr = Annotated[str, StringConstraints(pattern=r"^(text|image|audio)\.\d{1,3}\.\d{1,4}$")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Sizes of the multimodal MoE model; the coordinator fixes them for the whole run."""
+
+    hidden: int = Field(64, ge=8, le=4096)
+    layers: int = Field(2, ge=1, le=64)
+    heads: int = Field(4, ge=1, le=64)
+    expert_ffn: int = Field(256, ge=8, le=65536)
+    text_vocab: int = Field(256, ge=2, le=1 << 20)  # byte-level tokens
+    text_seq_len: int = Field(64, ge=4, le=8192)
+    caption_len: int = Field(32, ge=4, le=1024)
+    image_size: int = Field(8, ge=2, le=1024)
+    image_channels: int = Field(1, ge=1, le=4)
+    patch_size: int = Field(2, ge=1, le=64)
+    num_classes: int = Field(10, ge=2, le=100_000)
+    audio_sample_rate: int = Field(16000, ge=1000, le=192000)
+    audio_n_fft: int = Field(400, ge=16, le=8192)
+    audio_hop: int = Field(160, ge=1, le=8192)
+    audio_n_mels: int = Field(32, ge=4, le=256)
+    audio_max_frames: int = Field(100, ge=4, le=10000)
+    contrastive_dim: int = Field(32, ge=4, le=4096)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelSpec":
+        if self.hidden % self.heads:
+            raise ValueError(f"model.hidden={self.hidden} must be divisible by model.heads={self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size={self.image_size} must be divisible by model.patch_size")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    """Local optimizer of replicated parameters (peers) and of experts (their hosts)."""
+
+    name: Literal["adam", "adamw", "adam8bit", "sgd"] = "adam"
+    lr: Finite = Field(3e-3, gt=0, le=10)
+    weight_decay: Finite = Field(0.0, ge=0, le=1)
+    betas: tuple[Finite, Finite] = (0.9, 0.98)
+
+
+class AveragingSpec(_Strict):
+    """How peers keep replicated parameters in agreement (see swarmtrain.averaging)."""
+
+    period_s: Finite = Field(4.0, gt=0, le=3600)
+    timeout_s: Finite = Field(20.0, gt=0, le=3600)
+
+
+class ExpertPoolSpec(_Strict):
+    """How peers call remote experts (see swarmtrain.expert_pool)."""
+
+    top_k: int = Field(2, ge=1, le=16)
+    k_min: int = Field(1, ge=1, le=16)
+    timeout_s: Finite = Field(15.0, gt=0, le=600)
+    max_batch_rows: int = Field(65536, ge=1)
+
+
+class DatasetSpec(_Strict):
+    name: ShortText = "builtin"
+    description: Annotated[str, StringConstraints(max_length=512)] = (
+        "scikit-learn digits (1,797 8x8 scans) with label captions + Python's pydoc_data.topics English text"
+    )
+    num_shards: int = Field(8, ge=1, le=100_000)
+
+
+class TrainingSpec(_Strict):
+    batch_size: int = Field(16, ge=1, le=65536)
+    loss_weights: dict[Modality | Literal["contrastive"], Finite] = Field(
+        default_factory=lambda: {"text": 1.0, "image": 1.0, "contrastive": 0.5, "audio": 1.0}
+    )
+    eval_every_s: Finite = Field(10.0, gt=0)
+    heartbeat_period_s: Finite = Field(2.0, gt=0, le=600)
+    heartbeat_ttl_s: Finite = Field(8.0, gt=0, le=3600)
+
+
+class Manifest(_Strict):
+    """The run manifest: everything a volunteer needs to join, signed by the coordinator."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    run_id: Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN.pattern)]
+    created_at: Finite
+    coordinator: PeerIdStr
+    seed: int = 0
+    modalities: tuple[Modality, ...] = ("text", "image")
+    experts_per_layer: dict[Modality, Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: {"text": 4, "image": 4}
+    )
+    model: ModelSpec = ModelSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    averaging: AveragingSpec = AveragingSpec()
+    expert_pool: ExpertPoolSpec = ExpertPoolSpec()
+    dataset: DatasetSpec = DatasetSpec()
+    training: TrainingSpec = TrainingSpec()
+
+    @model_validator(mode="after")
+    def _check_modalities(self) -> "Manifest":
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be a non-empty list without repeats, got {list(self.modalities)}")
+        missing = [m for m in self.modalities if m not in self.experts_per_layer]
+        if missing:
+            raise ValueError(f"experts_per_layer has no entry for modalities {missing}")
+        if self.expert_pool.top_k > min(self.experts_per_layer[m] for m in self.modalities):
+            raise ValueError("expert_pool.top_k exceeds the number of experts per layer of some modality")
+        return self
+
+    def expert_uids(self, modalities: Optional[tuple[str, ...]] = None) -> list[str]:
+        """All expert uids of the run (``<modality>.<layer>.<index>``), optionally of some modalities only."""
+        from swarmtrain.dht.uids import make_uid
+
+        wanted = self.modalities if modalities is None else [m for m in self.modalities if m in modalities]
+        return [
+            make_uid(m, layer, index)
+            for m in wanted
+            for layer in range(self.model.layers)
+            for index in range(self.experts_per_layer[m])
+        ]
+
+
+class Heartbeat(_Strict):
+    """A peer's signed status, refreshed every ``training.heartbeat_period_s`` with a TTL."""
+
+    peer_id: PeerIdStr
+    role: Literal["peer", "coordinator", "observer"] = "peer"
+    public_name: ShortText = ""
+    version: Annotated[str, StringConstraints(max_length=32)] = ""
+    device: Annotated[str, StringConstraints(max_length=32)] = "cpu"
+    modalities: tuple[Modality, ...] = ()
+    experts: tuple[ExpertUidStr, ...] = Field((), max_length=4096)
+    maddrs: tuple[MaddrStr, ...] = Field((), max_length=16)
+    client_mode: bool = False
+    loss: Optional[Finite] = None
+    val_loss: Optional[Finite] = None
+    val_loss_initial: Optional[Finite] = None
+    losses: dict[Annotated[str, StringConstraints(max_length=16)], Finite] = Field(default_factory=dict, max_length=8)
+    samples_per_s: Finite = Field(0.0, ge=0)
+    steps: int = Field(0, ge=0)
+    samples: int = Field(0, ge=0)
+    averaging_rounds: int = Field(0, ge=0)
+    averaging_failures: int = Field(0, ge=0)
+    averaging_bytes: int = Field(0, ge=0)
+    started_at: Finite = 0.0
+    time: Finite = 0.0
+
+
+class ExpertLoad(_Strict):
+    load: Finite = Field(0.0, ge=0)  # rows processed per second (EMA)
+    calls: int = Field(0, ge=0)
+    version: int = Field(0, ge=0)  # optimizer steps applied
+
+
+class ExpertsRecord(_Strict):
+    """Expert registry entry: the experts one peer serves and their load."""
+
+    peer_id: PeerIdStr
+    experts: dict[ExpertUidStr, ExpertLoad] = Field(default_factory=dict, max_length=4096)
+    time: Finite = 0.0
+
+
+class AveragingRecord(_Strict):
+    """Averaging rendezvous: a peer announces it accepts exchanges for some parameter groups."""
+
+    peer_id: PeerIdStr
+    groups: tuple[Annotated[str, StringConstraints(max_length=64)], ...] = Field((), max_length=4096)
+    samples: int = Field(0, ge=0)
+    time: Finite = 0.0
+
+
+RECORD_TYPES: dict[RecordKind, type[_Strict]] = {
+    RecordKind.MANIFEST: Manifest,
+    RecordKind.PEERS: Heartbeat,
+    RecordKind.EXPERTS: ExpertsRecord,
+    RecordKind.AVERAGING: AveragingRecord,
+}
+
+
+def parse_record(kind: RecordKind, payload: dict) -> _Strict:
+    """Validate a decoded payload against the schema of ``kind`` (raises pydantic.ValidationError)."""
+    return RECORD_TYPES[RecordKind(kind)].model_validate(payload)
+
+
+def short_peer_id(peer_id: str) -> str:
+    """The last 6 characters of a peer id, as shown in logs and tables."""
+    return "..." + peer_id[-6:]
