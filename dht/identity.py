@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.proto import crypto_pb2
 
+_THROWAWAY_PREFIX = "swarmtrain-throwaway-identity-"
 _PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
 
@@ -41,7 +42,7 @@ class Identity:
     def load_or_create(cls, path: Optional[str]) -> "Identity":
         """Load the key at ``path``, creating it (mode 0400) if absent; ``None`` makes a throwaway key file."""
         if path is None:
-            fd, path = tempfile.mkstemp(prefix="swarmtrain-identity-", suffix=".key")
+            fd, path = tempfile.mkstemp(prefix=_THROWAWAY_PREFIX, suffix=".key")
             os.close(fd)
             os.unlink(path)
         if not os.path.exists(path):
@@ -65,6 +66,11 @@ class Identity:
             raise IdentityError(f"identity file {path!r} does not hold an RSA private key")
         public_key = encode_public_key(key.public_key())
         return cls(path=path, private_key=key, peer_id=peer_id_from_public_key(public_key), public_key=public_key)
+
+    def discard(self) -> None:
+        """Delete the key file of a throwaway identity (one made by ``load_or_create(None)``)."""
+        if os.path.basename(self.path).startswith(_THROWAWAY_PREFIX) and os.path.exists(self.path):
+            os.unlink(self.path)
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data, _PADDING, hashes.SHA256())

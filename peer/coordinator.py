@@ -1,0 +1,138 @@
+"""The coordinator: seeds a run. Stable bootstrap node, signed manifest, periodic checkpoints.
+
+It does not train. It keeps a DHT node with a persistent identity (``--identity``) so volunteers can always
+bootstrap from the same multiaddr, re-publishes the signed manifest well before it expires, publishes its own
+heartbeat (role ``coordinator``), and every ``--checkpoint-every-s`` pulls the current replicated parameters from a
+live peer and every expert from one of its hosts into a safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from swarmtrain.averaging.gossip import GossipAverager
+from swarmtrain.dht.directory import SwarmDirectory
+from swarmtrain.dht.identity import Identity
+from swarmtrain.dht.keys import RecordKind
+from swarmtrain.dht.node import SwarmNode
+from swarmtrain.dht.records import Heartbeat, Manifest
+from swarmtrain.expert_pool.client import fetch_expert_state
+from swarmtrain.expert_pool.dispatch import LocalDispatcher
+from swarmtrain.expert_pool.registry import ExpertRegistry
+from swarmtrain.peer.checkpoint import Checkpoint, save_checkpoint
+from swarmtrain.peer.config import CoordinatorOptions, build_manifest
+from swarmtrain.peer.daemon import swarmtrain_version
+from swarmtrain.peer.model import SwarmModel
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_TTL_S = 60.0
+MANIFEST_REPUBLISH_S = 10.0
+
+
+class Coordinator:
+    """Runs the coordinator role until ``stop`` is set.
+
+    :param options: validated :class:`~swarmtrain.peer.config.CoordinatorOptions`
+    :param announce: called once with the multiaddrs volunteers should use (the CLI prints them)
+    """
+
+    def __init__(self, options: CoordinatorOptions):
+        self.options = options
+        self.node: Optional[SwarmNode] = None
+        self.dashboard = None
+        self.started_at = time.time()
+        self.checkpoints_saved = 0
+
+    def start(self) -> list[str]:
+        opts = self.options
+        identity = Identity.load_or_create(opts.identity)
+        self.manifest: Manifest = build_manifest(opts.manifest, opts.run_id, identity.peer_id)
+        self.node = SwarmNode(
+            opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=identity.peer_id,
+            host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs,
+            use_relay=opts.use_relay, use_auto_relay=opts.use_auto_relay,
+        )
+        self.peer_id = identity.peer_id
+        self.directory = SwarmDirectory(self.node.dht, opts.run_id, identity.peer_id)
+        self.maddrs = self.node.visible_maddrs()
+        self._publish()
+        if opts.maddrs_file:
+            with open(opts.maddrs_file, "w") as f:
+                f.write("\n".join(self.maddrs) + "\n")
+        if opts.dashboard_port:
+            from swarmtrain.dashboard.server import DashboardServer
+
+            self.dashboard = DashboardServer(
+                self.directory, opts.run_id, host=opts.dashboard_host, port=opts.dashboard_port
+            )
+            self.dashboard.start()
+            logger.info(f"dashboard at {self.dashboard.url}")
+        return self.maddrs
+
+    def run(self, stop: threading.Event) -> None:
+        last_checkpoint = time.monotonic()
+        while not stop.wait(MANIFEST_REPUBLISH_S / 2):
+            self._publish()
+            every = self.options.checkpoint_every_s
+            if every and time.monotonic() - last_checkpoint >= every:
+                last_checkpoint = time.monotonic()
+                try:
+                    path = self.checkpoint()
+                    if path:
+                        logger.info(f"saved checkpoint {path}")
+                except Exception as e:
+                    logger.warning(f"checkpoint failed: {e}")
+
+    def _publish(self) -> None:
+        if not self.directory.publish(RecordKind.MANIFEST, self.manifest, MANIFEST_TTL_S):
+            logger.warning("could not store the manifest in the DHT (will retry)")
+        heartbeat = Heartbeat(
+            peer_id=self.peer_id, role="coordinator", public_name="coordinator", version=swarmtrain_version(),
+            maddrs=tuple(self.maddrs[:16]), started_at=self.started_at, time=time.time(),
+        )
+        self.directory.publish(RecordKind.PEERS, heartbeat, self.manifest.training.heartbeat_ttl_s)
+
+    def checkpoint(self) -> Optional[str]:
+        """Pull the swarm's current model from live peers and save it; None if no peer is training yet."""
+        model = SwarmModel(self.manifest, LocalDispatcher({}))
+        names = [name for name, _ in model.named_parameters()]
+        params = [p.data for p in model.parameters()]
+        puller = GossipAverager(
+            self.node, self.directory, params, threading.Lock(), self.manifest.averaging, group="replicated"
+        )
+        try:
+            if not puller.load_state_from_peers():
+                logger.info("no live peer to checkpoint from yet")
+                return None
+        finally:
+            puller.shutdown()
+        registry = ExpertRegistry(self.directory, None, ttl_s=self.manifest.training.heartbeat_ttl_s)
+        registry.refresh()
+        experts, missing = {}, []
+        for uid in self.manifest.expert_uids():
+            for host, _load in registry.hosts(uid):
+                try:
+                    experts[uid] = fetch_expert_state(self.node.p2p, self.node.loop, host, uid)
+                    break
+                except Exception as e:
+                    logger.debug(f"could not fetch {uid} from {host}: {e}")
+            else:
+                missing.append(uid)
+        if missing:
+            logger.warning(f"checkpoint without unreachable experts: {', '.join(missing)}")
+        checkpoint = Checkpoint(
+            self.manifest, dict(zip(names, params)), experts, time.time(), sorted(self.directory.heartbeats())
+        )
+        self.checkpoints_saved += 1
+        return save_checkpoint(self.options.checkpoint_dir, checkpoint, self.options.keep_checkpoints)
+
+    def shutdown(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
+        if self.node is not None:
+            self.node.shutdown()
+            self.node = None

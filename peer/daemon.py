@@ -1,0 +1,248 @@
+"""The volunteer peer: joins the swarm, verifies the manifest, hosts experts, trains, averages, reports.
+
+One :class:`PeerDaemon` per process. It assembles the parts (each owned by its own package) and runs the
+training loop in the calling thread; a maintenance thread publishes the signed heartbeat and expert registry
+entry every ``training.heartbeat_period_s`` and takes over experts of its modalities that nobody serves.
+
+Flow of data: this module -> expert_pool (serve / call experts), averaging (replicated parameters) -> dht.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Optional
+
+import torch
+
+from swarmtrain.averaging.gossip import GossipAverager
+from swarmtrain.dht.directory import SwarmDirectory
+from swarmtrain.dht.identity import Identity
+from swarmtrain.dht.keys import RecordKind
+from swarmtrain.dht.node import SwarmNode
+from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
+from swarmtrain.expert_pool.client import RemoteDispatcher
+from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
+from swarmtrain.expert_pool.server import ExpertServer
+from swarmtrain.peer.config import PeerOptions, parse_shard
+from swarmtrain.peer.data import DataSource
+from swarmtrain.peer.model import SwarmModel
+from swarmtrain.peer.trainer import Trainer, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class ManifestError(RuntimeError):
+    """No verified manifest could be obtained, or it does not fit this peer's options."""
+
+
+def swarmtrain_version() -> str:
+    try:
+        return version("swarmtrain")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "dev"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA device")
+    return device
+
+
+def wait_for_manifest(directory: SwarmDirectory, timeout_s: float, coordinator: str) -> Manifest:
+    """Poll the DHT until the coordinator's signed manifest is visible (it was verified on arrival)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = directory.manifest()
+        if manifest is not None:
+            logger.info(
+                f"manifest of run {manifest.run_id!r} verified: signed by coordinator {manifest.coordinator}"
+            )
+            return manifest
+        if time.monotonic() > deadline:
+            raise ManifestError(
+                f"no manifest signed by coordinator {coordinator} for run {directory.run_id!r} within "
+                f"{timeout_s:.0f}s (wrong --run-id, or a manifest with a bad signature was rejected: see log above)"
+            )
+        time.sleep(1.0)
+
+
+class PeerDaemon:
+    """A volunteer peer process. ``run(stop)`` blocks until ``stop`` is set or ``max_steps`` is reached.
+
+    :param options: validated :class:`~swarmtrain.peer.config.PeerOptions`
+    """
+
+    def __init__(self, options: PeerOptions):
+        self.options = options
+        self.node: Optional[SwarmNode] = None
+        self.server: Optional[ExpertServer] = None
+        self.averager: Optional[GossipAverager] = None
+        self.trainer: Optional[Trainer] = None
+        self._maintenance: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self.started_at = time.time()
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self._start()
+            self._train(stop)
+        finally:
+            self.shutdown()
+
+    def _start(self) -> None:
+        opts = self.options
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.device = pick_device(opts.device)
+        identity = Identity.load_or_create(opts.identity)
+        self.node = SwarmNode(
+            opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=opts.coordinator,
+            host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode,
+            use_relay=opts.use_relay, use_auto_relay=opts.use_auto_relay, bootstrap_attempts=opts.bootstrap_attempts,
+        )
+        self.peer_id = identity.peer_id
+        self.maddrs = self.node.visible_maddrs()
+        logger.info(f"peer {self.peer_id} joined the swarm; reachable at {' '.join(self.maddrs)}")
+        self.directory = SwarmDirectory(self.node.dht, opts.run_id, self.peer_id)
+        self.manifest = manifest = wait_for_manifest(
+            self.directory, opts.manifest_timeout_s, self.node.trusted_coordinator
+        )
+        self.modalities = tuple(opts.modalities) or manifest.modalities
+        foreign = [m for m in self.modalities if m not in manifest.modalities]
+        if foreign:
+            raise ManifestError(f"--modalities {foreign} are not part of run {manifest.run_id!r} ({manifest.modalities})")
+
+        self.data = self._load_data(manifest)
+        self.server = ExpertServer(self.node.p2p, self.node.loop, manifest)
+        self.server.start()
+        ttl = manifest.training.heartbeat_ttl_s
+        self.registry = ExpertRegistry(self.directory, self.server, ttl_s=ttl)
+        self._host_experts(initial=True)
+
+        dispatcher = RemoteDispatcher(self.node.p2p, self.node.loop, self.registry, manifest, local_server=self.server)
+        self.model = SwarmModel(manifest, dispatcher).to(self.device)
+        self.lock = threading.Lock()
+        self.averager = GossipAverager(
+            self.node, self.directory, [p.data for p in self.model.parameters()], self.lock, manifest.averaging, ttl_s=ttl
+        )
+        if self.averager.load_state_from_peers():
+            logger.info("copied the current replicated parameters from a live peer")
+        self.averager.start()
+        batch_size = opts.batch_size or manifest.training.batch_size
+        seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
+        self.trainer = Trainer(
+            self.model, self.data, build_optimizer(self.model.parameters(), manifest.optimizer), self.lock,
+            self.averager, batch_size, seed, self.device,
+        )
+        self._maintenance = threading.Thread(target=self._maintain, name="swarmtrain-maintenance", daemon=True)
+        self._maintenance.start()
+
+    def _load_data(self, manifest: Manifest) -> DataSource:
+        shard = parse_shard(self.options.data_shard)
+        if shard is None:
+            count = manifest.dataset.num_shards
+            shard = (int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % count, count)
+        if self.options.data:
+            source = DataSource.from_path(self.options.data, manifest, self.modalities, *shard)
+        else:
+            source = DataSource.builtin(manifest, self.modalities, *shard)
+        logger.info(f"training on shard {shard[0]}/{shard[1]} of {source.describe()}")
+        return source
+
+    def _host_experts(self, initial: bool = False) -> None:
+        """Host the least-served experts of our modalities, up to --max-experts."""
+        self.registry.refresh()
+        uids = self.manifest.expert_uids(self.modalities)
+        hosted = set(self.server.hosted())
+        capacity = self.options.max_experts - len(hosted)
+        if capacity <= 0:
+            return
+        served = self.registry.served_counts(uids)
+        candidates = [uid for uid in uids if uid not in hosted]
+        if not initial:  # later on, only take over experts that nobody serves
+            candidates = [uid for uid in candidates if served.get(uid, 0) == 0]
+        chosen = choose_experts_to_host(candidates, served, capacity, self.peer_id)
+        for uid in chosen:
+            self.server.add_expert(uid)
+        if chosen:
+            logger.info(f"hosting experts {', '.join(chosen)}")
+            self.registry.publish()
+
+    def _train(self, stop: threading.Event) -> None:
+        opts, training = self.options, self.manifest.training
+        self.trainer.evaluate()
+        logger.info(f"initial validation loss {self.trainer.stats.val_loss:.4f}")
+        self._publish_heartbeat()
+        last_eval = last_log = time.monotonic()
+        while not stop.is_set():
+            try:
+                self.trainer.step()
+            except RuntimeError as e:  # e.g. fewer than k_min experts live: wait for the swarm, do not crash
+                logger.warning(f"training step failed: {e}")
+                stop.wait(1.0)
+                continue
+            stats = self.trainer.stats
+            if opts.max_steps and stats.steps >= opts.max_steps:
+                break
+            now = time.monotonic()
+            if now - last_eval >= training.eval_every_s:
+                self.trainer.evaluate()
+                last_eval = now
+            if now - last_log >= 10:
+                avg = self.averager.stats()
+                logger.info(
+                    f"step {stats.steps} loss {stats.loss:.3f} val {stats.val_loss:.3f} "
+                    f"{stats.samples_per_s:.1f} samples/s, averaging rounds {avg.rounds} (failed {avg.failures})"
+                )
+                last_log = now
+        self.trainer.evaluate()
+        self._publish_heartbeat()
+
+    def _maintain(self) -> None:
+        period = self.manifest.training.heartbeat_period_s
+        while not self._stop.wait(period):
+            try:
+                self._host_experts()
+                self.registry.publish()
+                self._publish_heartbeat()
+            except Exception as e:
+                logger.warning(f"heartbeat failed: {e}")
+
+    def heartbeat(self) -> Heartbeat:
+        stats, avg = self.trainer.stats, self.averager.stats()
+        return Heartbeat(
+            peer_id=self.peer_id, role="peer", public_name=self.options.public_name[:64],
+            version=swarmtrain_version(), device=str(self.device), modalities=self.modalities,
+            experts=tuple(sorted(self.server.hosted())), maddrs=tuple(self.maddrs[:16]),
+            client_mode=self.options.client_mode, loss=stats.loss, val_loss=stats.val_loss,
+            val_loss_initial=stats.val_loss_initial, losses={k: v for k, v in list(stats.losses.items())[:8]},
+            samples_per_s=stats.samples_per_s, steps=stats.steps, samples=stats.samples,
+            averaging_rounds=avg.rounds, averaging_failures=avg.failures,
+            averaging_bytes=avg.bytes_sent + avg.bytes_received, started_at=self.started_at, time=time.time(),
+        )
+
+    def _publish_heartbeat(self) -> None:
+        self.directory.publish(RecordKind.PEERS, self.heartbeat(), self.manifest.training.heartbeat_ttl_s)
+
+    def shutdown(self) -> None:
+        """Stop every part; safe to call twice and after a failed start."""
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=10)
+        for part in (self.averager, self.server):
+            if part is not None:
+                try:
+                    part.shutdown()
+                except Exception as e:
+                    logger.warning(f"error while stopping {type(part).__name__}: {e}")
+        self.averager = self.server = None
+        if self.node is not None:
+            self.node.shutdown()
+            self.node = None
+        logger.info("peer stopped")

@@ -1,0 +1,124 @@
+"""Local training of the replicated model: steps, validation and throughput (no networking of its own)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from swarmtrain.averaging.base import ParameterAverager
+from swarmtrain.dht.records import OptimizerSpec
+
+
+def batch_to(batch, device: torch.device):
+    """A copy of ``batch`` with every tensor moved to ``device`` (the same object on CPU)."""
+    if device.type == "cpu":
+        return batch
+    changes = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **changes)
+
+
+def build_optimizer(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The local optimizer named by the manifest (adam8bit is bitsandbytes' 8-bit Adam)."""
+    params = [p for p in params if p.requires_grad]
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.betas[0], weight_decay=spec.weight_decay)
+    if spec.name == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.name!r}")
+
+
+@dataclass
+class TrainerStats:
+    steps: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    loss: Optional[float] = None  # EMA of the total training loss
+    losses: dict = field(default_factory=dict)  # EMA per task
+    samples_per_s: float = 0.0
+    val_loss: Optional[float] = None
+    val_loss_initial: Optional[float] = None
+    val_losses: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs optimizer steps of ``model`` on batches from ``data`` and keeps running statistics.
+
+    The optimizer step happens under ``lock`` so that the averager can read and update the same parameters
+    between steps. A step whose loss is not finite is skipped (no update) and counted.
+    """
+
+    def __init__(self, model, data, optimizer: torch.optim.Optimizer, lock: threading.Lock,
+                 averager: Optional[ParameterAverager], batch_size: int, seed: int, device: torch.device):
+        self.model, self.data, self.optimizer, self.lock = model, data, optimizer, lock
+        self.averager, self.batch_size, self.device = averager, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = TrainerStats()
+        self._window_start = time.monotonic()
+        self._window_samples = 0
+
+    def step(self) -> dict[str, float]:
+        """One training step; returns the task losses of this step."""
+        batch = batch_to(self.data.sample(self.batch_size, self.generator), self.device)
+        losses = self.model.losses(batch)
+        total = self.model.total_loss(losses)
+        values = {name: float(value.detach()) for name, value in losses.items()}
+        if not math.isfinite(float(total.detach())):
+            self.stats.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return values
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        with self.lock:
+            self.optimizer.step()
+        self.stats.steps += 1
+        self.stats.samples += batch.num_samples()
+        self._track(float(total.detach()), values, batch.num_samples())
+        if self.averager is not None:
+            self.averager.on_local_step(self.stats.steps, self.stats.samples)
+        return values
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 8) -> float:
+        """Weighted validation loss (no auxiliary losses) on the fixed held-out split."""
+        self.model.eval()
+        try:
+            totals: dict[str, float] = {}
+            count = 0
+            for batch in self.data.validation_batches(self.batch_size)[:max_batches]:
+                losses = self.model.losses(batch_to(batch, self.device))
+                losses.pop("moe_aux", None)
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + float(value)
+                count += 1
+        finally:
+            self.model.train()
+        per_task = {name: value / max(count, 1) for name, value in totals.items()}
+        loss = float(self.model.total_loss({k: torch.tensor(v) for k, v in per_task.items()}))
+        self.stats.val_loss, self.stats.val_losses = loss, per_task
+        if self.stats.val_loss_initial is None:
+            self.stats.val_loss_initial = loss
+        return loss
+
+    def _track(self, total: float, values: dict[str, float], samples: int) -> None:
+        decay = 0.9
+        s = self.stats
+        s.loss = total if s.loss is None else decay * s.loss + (1 - decay) * total
+        for name, value in values.items():
+            s.losses[name] = value if name not in s.losses else decay * s.losses[name] + (1 - decay) * value
+        self._window_samples += samples
+        elapsed = time.monotonic() - self._window_start
+        if elapsed >= 2.0:
+            s.samples_per_s = self._window_samples / elapsed
+            self._window_start, self._window_samples = time.monotonic(), 0
