@@ -1,0 +1,88 @@
+"""Shared test helpers: a repo-local python, process-tree cleanup and a p2pd leak check."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def swarmtrain_cmd(*args: str) -> list[str]:
+    """The ``swarmtrain`` command line run by this test interpreter."""
+    return [sys.executable, "-m", "swarmtrain.peer", *args]
+
+
+def spawn(args: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a role process in its own session (so the test can kill its whole process group)."""
+    log = open(log_path, "wb")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=full_env)
+
+
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Signal a process group, wait, then SIGKILL whatever is left; returns the leader's exit code."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return process.wait()
+
+
+def group_alive(pgid: int) -> list[psutil.Process]:
+    """Processes still alive in a process group (zombies excluded)."""
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (ProcessLookupError, psutil.Error, OSError):
+            pass
+    return alive
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _p2pd_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_p2pd():
+    """Fail the session if the tests leave p2pd daemons behind."""
+    before = _p2pd_pids()
+    yield
+    deadline = time.monotonic() + 15
+    leaked = _p2pd_pids() - before
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked = _p2pd_pids() - before
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leaked, f"tests left p2pd processes behind: {sorted(leaked)}"
