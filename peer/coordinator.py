@@ -115,7 +115,7 @@ class Coordinator:
         for uid in self.manifest.expert_uids():
             for host, _load in registry.hosts(uid):
                 try:
-                    experts[uid] = fetch_expert_state(self.node.p2p, self.node.loop, host, uid)
+                    experts[uid] = self.node.loop.run(fetch_expert_state(self.node.p2p, host, uid), timeout=30)
                     break
                 except Exception as e:
                     logger.debug(f"could not fetch {uid} from {host}: {e}")
