@@ -156,7 +156,12 @@ class PeerDaemon:
         return source
 
     def _host_experts(self, initial: bool = False) -> None:
-        """Host the least-served experts of our modalities, up to --max-experts."""
+        """Decide which experts of our modalities to host, up to --max-experts.
+
+        Coverage first: experts that nobody serves are always taken while there is capacity. On joining, a peer
+        also takes replicas of the least-served experts up to its fair share (experts / hosting peers), so that
+        the first volunteer does not grab everything; later it only takes over experts that lost all hosts.
+        """
         self.registry.refresh()
         uids = self.manifest.expert_uids(self.modalities)
         hosted = set(self.server.hosted())
@@ -164,10 +169,15 @@ class PeerDaemon:
         if capacity <= 0:
             return
         served = self.registry.served_counts(uids)
-        candidates = [uid for uid in uids if uid not in hosted]
-        if not initial:  # later on, only take over experts that nobody serves
-            candidates = [uid for uid in candidates if served.get(uid, 0) == 0]
-        chosen = choose_experts_to_host(candidates, served, capacity, self.peer_id)
+        unserved = [uid for uid in uids if uid not in hosted and served.get(uid, 0) == 0]
+        chosen = choose_experts_to_host(unserved, served, capacity, self.peer_id)
+        if initial:
+            hosts = {peer for peer, record in self.directory.experts().items() if peer != self.peer_id and record.experts}
+            fair_share = -(-len(uids) // (len(hosts) + 1))
+            room = min(capacity, fair_share) - len(chosen)
+            if room > 0:
+                replicas = [uid for uid in uids if uid not in hosted and uid not in chosen]
+                chosen += choose_experts_to_host(replicas, served, room, self.peer_id)
         for uid in chosen:
             self.server.add_expert(uid)
         if chosen:
