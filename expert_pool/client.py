@@ -1,0 +1,335 @@
+"""Calling experts across the swarm: :class:`RemoteDispatcher`, the swarm implementation of ``ExpertDispatcher``.
+
+For one micro-batch, ``dispatch(x, expert_idx, modality, layer)`` groups the (row, choice) pairs by expert and
+sends ONE request per chosen expert (its rows gathered with ``index_select``), all in flight at once on the
+peer's event loop; outputs are scattered back with ``index_copy``. Backward goes through a custom autograd
+Function that likewise sends one backward request per expert concurrently (to the host that answered the forward)
+and scatter-adds the returned input gradients into ``grad_x``. Experts hosted by this peer's own
+:class:`~swarmtrain.expert_pool.server.ExpertServer` are called in-process while the remote calls are in flight.
+
+This replaces hivemind's ``RemoteMixtureOfExperts``, which issues one RPC per (sample, expert) pair.
+
+Failures never raise out of ``dispatch``: an expert whose hosts all fail or time out (``timeout_s`` per expert) is
+marked not answered (the model renormalises its gates over answered choices) and its host is banned with
+exponential backoff, then retried. A failed backward call leaves zero gradient for its rows, is logged and counted
+in :attr:`RemoteDispatcher.stats`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from swarmtrain.dht.node import LoopThread
+from swarmtrain.dht.records import Manifest
+from swarmtrain.dht.uids import make_uid
+from swarmtrain.expert_pool.codec import check_codec, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.registry import ExpertRegistry
+from swarmtrain.expert_pool.server import ExpertServer
+from swarmtrain.expert_pool.wire import DEFAULT_CHUNK_BYTES, pack_request, read_call
+
+logger = logging.getLogger(__name__)
+LOCAL = "<local>"  # host marker of experts served by this process
+
+
+class ExpertCallError(RuntimeError):
+    """A remote expert call failed; ``refused`` is True when the host answered with an error (bad request,
+    expert not hosted) rather than failing to answer."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
+async def call_expert(
+    p2p: P2P,
+    peer_id: str,
+    verb: str,
+    uid: str,
+    tensors: Sequence[torch.Tensor],
+    codec: str = "none",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[torch.Tensor]:
+    """One ``rpc_forward`` / ``rpc_backward`` call to ``peer_id``; raise ExpertCallError with the host's reason."""
+    messages = pack_request(uid, {"codec": codec}, [encode_tensor(t, codec) for t in tensors], chunk_bytes)
+    return (await _call(p2p, peer_id, verb, messages))[1]
+
+
+async def fetch_expert_state(p2p: P2P, peer_id: str, uid: str) -> dict[str, torch.Tensor]:
+    """The parameters of expert ``uid`` as hosted by ``peer_id`` (to take over hosting it)."""
+    meta, tensors = await _call(p2p, peer_id, "state", pack_request(uid, {}, []))
+    names = meta.get("names")
+    if not isinstance(names, list) or len(names) != len(tensors) or not all(isinstance(n, str) for n in names):
+        raise ExpertCallError(f"malformed state of {uid} from {peer_id}: names {names!r} for {len(tensors)} tensors")
+    return dict(zip(names, tensors))
+
+
+@dataclass
+class DispatchStats:
+    """Counters of a dispatcher (calls are per expert per micro-batch)."""
+
+    forward_calls: int = 0
+    forward_failures: int = 0
+    backward_calls: int = 0
+    backward_failures: int = 0  # backward calls whose rows got zero gradient
+    local_calls: int = 0
+
+
+class HostBans:
+    """Exponential-backoff bans of failing hosts: ``base_s * 2**(failures-1)``, at most ``max_s``.
+
+    A host that fails to answer is banned as a whole; a host that refuses a call (e.g. no longer hosts the expert)
+    is banned for that expert only. A success clears the failure count.
+    """
+
+    def __init__(self, base_s: float = 1.0, max_s: float = 60.0):
+        self.base_s, self.max_s = base_s, max_s
+        self._failures: dict[tuple[str, Optional[str]], tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def banned(self, peer_id: str, uid: Optional[str] = None) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return any(self._failures.get(key, (0, 0.0))[1] > now for key in ((peer_id, None), (peer_id, uid)))
+
+    def failure(self, peer_id: str, uid: Optional[str] = None) -> float:
+        """Record a failure; returns the ban length in seconds."""
+        with self._lock:
+            count = self._failures.get((peer_id, uid), (0, 0.0))[0] + 1
+            duration = min(self.base_s * 2 ** (count - 1), self.max_s)
+            self._failures[(peer_id, uid)] = (count, time.monotonic() + duration)
+            return duration
+
+    def success(self, peer_id: str, uid: Optional[str] = None) -> None:
+        with self._lock:
+            self._failures.pop((peer_id, None), None)
+            self._failures.pop((peer_id, uid), None)
+
+
+@dataclass
+class _Route:
+    """The rows of one micro-batch that go to one expert."""
+
+    uid: str
+    positions: torch.Tensor  # indices into the flattened [N * k] (row, choice) pairs
+    rows: torch.Tensor  # indices into x [N]
+    host: Optional[str] = None  # who answered the forward (LOCAL, a peer id, or None: not answered)
+    error: str = field(default="", repr=False)
+
+
+class RemoteDispatcher:
+    """The mixture-of-experts layer's link to the swarm (implements ``ExpertDispatcher``).
+
+    :param p2p: this peer's p2p replica (``SwarmNode.p2p``)
+    :param loop: the loop thread of that replica (``SwarmNode.loop``)
+    :param registry: who hosts which expert (refreshed in the background)
+    :param manifest: the run manifest (hidden size, ``expert_pool.timeout_s``, wire codec)
+    :param local_server: this peer's own expert server; its experts are called in-process
+    :param timeout_s: per-expert call timeout (default ``manifest.expert_pool.timeout_s``)
+    :param codec: wire codec (default ``manifest.expert_pool.wire_codec``)
+
+    Example::
+
+        dispatcher = RemoteDispatcher(node.p2p, node.loop, registry, manifest, local_server=server)
+        out, answered = dispatcher.dispatch(x, top_k_indices, "text", layer=0)   # out: [N, k, d], differentiable
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        loop: LoopThread,
+        registry: ExpertRegistry,
+        manifest: Manifest,
+        local_server: Optional[ExpertServer] = None,
+        timeout_s: Optional[float] = None,
+        codec: Optional[str] = None,
+        bans: Optional[HostBans] = None,
+    ):
+        self.p2p, self.loop, self.registry, self.manifest = p2p, loop, registry, manifest
+        self.local_server = local_server
+        self.hidden = manifest.model.hidden
+        self.timeout_s = float(timeout_s if timeout_s is not None else manifest.expert_pool.timeout_s)
+        self.codec = check_codec(codec or getattr(manifest.expert_pool, "wire_codec", "none"))
+        self.bans = bans or HostBans()
+        self.stats = DispatchStats()
+        self.my_peer_id = registry.directory.peer_id
+
+    def live_mask(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
+        """Bool ``[num_experts]``: hosted here, or by a live remote host that is not banned."""
+        uids = [make_uid(modality, layer, i) for i in range(num_experts)]
+        return torch.tensor([self._callable(uid) for uid in uids], dtype=torch.bool)
+
+    def dispatch(
+        self, x: torch.Tensor, expert_idx: torch.Tensor, modality: str, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run rows of ``x [N, d]`` through experts ``expert_idx [N, k]``: (outputs [N, k, d], answered [N, k])."""
+        if x.ndim != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"dispatch expects x of shape [N, {self.hidden}], got {list(x.shape)}")
+        if expert_idx.ndim != 2 or expert_idx.shape[0] != x.shape[0]:
+            raise ValueError(f"expert_idx must be [N={x.shape[0]}, k], got {list(expert_idx.shape)}")
+        if expert_idx.numel() and int(expert_idx.min()) < 0:
+            raise ValueError("expert_idx must be non-negative")
+        n, k = expert_idx.shape
+        flat_idx = expert_idx.reshape(-1).cpu()
+        flat_rows = torch.arange(n).repeat_interleave(k)
+        order = torch.argsort(flat_idx, stable=True)
+        experts, counts = torch.unique_consecutive(flat_idx[order], return_counts=True)
+        routes = [
+            _Route(make_uid(modality, layer, int(e)), positions, flat_rows[positions])
+            for e, positions in zip(experts.tolist(), order.split(counts.tolist()))
+        ]
+        out, answered = _DispatchFunction.apply(x, self, routes)
+        return out.view(n, k, x.shape[1]), answered.view(n, k)
+
+    # ---- calls -------------------------------------------------------------------------------------------------
+
+    def _callable(self, uid: str) -> bool:
+        return self._hosted_here(uid) or bool(self._remote_hosts(uid))
+
+    def _hosted_here(self, uid: str) -> bool:
+        return self.local_server is not None and self.local_server.is_hosted(uid)
+
+    def _remote_hosts(self, uid: str) -> list[str]:
+        return [
+            peer for peer, _ in self.registry.hosts(uid) if peer != self.my_peer_id and not self.bans.banned(peer, uid)
+        ]
+
+    def run_calls(self, verb: str, routes: Sequence[_Route], inputs: Sequence[tuple[torch.Tensor, ...]]) -> list:
+        """Run one call per route (remote ones concurrently on the loop, local ones in this thread meanwhile);
+        returns per route the output tensor or None if that expert failed."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            raise RuntimeError("RemoteDispatcher must not be called from its own event loop thread")
+        local, remote = [], []
+        for i, route in enumerate(routes):
+            is_local = route.host == LOCAL if verb == "backward" else self._hosted_here(route.uid)
+            (local if is_local else remote).append(i)
+        results: list[Optional[torch.Tensor]] = [None] * len(routes)
+        future = None
+        if remote:
+            future = self.loop.submit(self._call_all_remote(verb, [(routes[i], inputs[i]) for i in remote]))
+        for i in local:
+            results[i] = self._call_local(verb, routes[i], inputs[i])
+        if future is not None:
+            for i, output in zip(remote, future.result(timeout=self.timeout_s + 30)):
+                results[i] = output
+        return results
+
+    async def _call_all_remote(self, verb: str, calls: list) -> list[Optional[torch.Tensor]]:
+        return await asyncio.gather(*(self._call_remote(verb, route, tensors) for route, tensors in calls))
+
+    def _call_local(self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        self.stats.local_calls += 1
+        try:
+            if verb == "forward":
+                route.host = LOCAL
+                return self.local_server.forward_local(route.uid, *tensors)
+            return self.local_server.backward_local(route.uid, *tensors)
+        except Exception as e:
+            route.error = f"{type(e).__name__}: {e}"
+            logger.warning(f"local {verb} of {route.uid} failed: {route.error}")
+            return None
+
+    async def _call_remote(self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        deadline = time.monotonic() + self.timeout_s
+        hosts = [route.host] if verb == "backward" else self._remote_hosts(route.uid)
+        if not hosts:
+            route.error = "no live host"
+        for host in hosts:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                coro = call_expert(self.p2p, host, verb, route.uid, tensors, self.codec)
+                (output,) = await asyncio.wait_for(coro, remaining)
+                if output.shape != tensors[0].shape or output.dtype != torch.float32:
+                    raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
+                self.bans.success(host, route.uid)
+                route.host = host
+                return output
+            except Exception as e:
+                refused = isinstance(e, ExpertCallError) and e.refused
+                route.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                ban = self.bans.failure(host, route.uid if refused else None)
+                logger.warning(f"{verb} of {route.uid} at {host[-6:]} failed ({route.error}); banned for {ban:.0f}s")
+        return None
+
+
+class _DispatchFunction(torch.autograd.Function):
+    """Autograd glue: forward sends one request per expert, backward one backward request per answered expert."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route]):
+        x = x.detach()
+        rows = [(x.index_select(0, route.rows).float(),) for route in routes]
+        outputs = dispatcher.run_calls("forward", routes, rows)
+        n_pairs = sum(len(route.positions) for route in routes)
+        out = x.new_zeros(n_pairs, x.shape[1])
+        answered = torch.zeros(n_pairs, dtype=torch.bool)
+        for route, output in zip(routes, outputs):
+            dispatcher.stats.forward_calls += 1
+            if output is None:
+                dispatcher.stats.forward_failures += 1
+                continue
+            out.index_copy_(0, route.positions, output.to(out.dtype))
+            answered[route.positions] = True
+        ctx.dispatcher = dispatcher
+        ctx.routes = [route for route, output in zip(routes, outputs) if output is not None]
+        ctx.save_for_backward(x)
+        ctx.mark_non_differentiable(answered)
+        return out, answered
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_answered: Optional[torch.Tensor]):
+        (x,) = ctx.saved_tensors
+        dispatcher, routes = ctx.dispatcher, ctx.routes
+        grad_x = torch.zeros_like(x)
+        if not routes:
+            return grad_x, None, None
+        grad_out = grad_out.contiguous()
+        inputs = [
+            (x.index_select(0, r.rows).float(), grad_out.index_select(0, r.positions).float()) for r in routes
+        ]
+        grads = dispatcher.run_calls("backward", routes, inputs)
+        for route, grad in zip(routes, grads):
+            dispatcher.stats.backward_calls += 1
+            if grad is None:
+                dispatcher.stats.backward_failures += 1
+                logger.warning(f"backward of {route.uid} failed ({route.error}): {len(route.rows)} rows get zero grad")
+                continue
+            grad_x.index_add_(0, route.rows, grad.to(grad_x.dtype))
+        return grad_x, None, None
+
+
+async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict, list[torch.Tensor]]:
+    stub = ExpertServer.get_stub(p2p, PeerID.from_base58(peer_id))
+    method = {"forward": stub.rpc_forward, "backward": stub.rpc_backward, "state": stub.rpc_state}[verb]
+    stream = await method(_aiter(messages))
+    try:
+        _, meta, protos = await read_call(stream)
+    except ExpertCallError:
+        raise
+    except Exception as e:
+        raise ExpertCallError(f"{verb} call to {peer_id[-6:]} failed: {type(e).__name__}: {e}") from e
+    finally:
+        await stream.aclose()
+    if "error" in meta:
+        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {meta['error']}", refused=True)
+    try:
+        return meta, [decode_tensor(proto) for proto in protos]
+    except Exception as e:
+        raise ExpertCallError(f"undecodable {verb} response from {peer_id[-6:]}: {e}", refused=True) from e
+
+
+async def _aiter(items: list):
+    for item in items:
+        yield item

@@ -1,0 +1,259 @@
+"""Serving this peer's experts to the swarm over the peer's own libp2p handle.
+
+Why not hivemind.moe's ``Server``: it runs a ConnectionHandler *process* per handler, a Runtime process and
+pipes between them, and its clients (``RemoteMixtureOfExperts``) issue one RPC per (sample, expert) pair. On a
+2-core volunteer box we want one process per peer: :class:`ExpertServer` registers three ``rpc_*`` stream handlers
+on the :class:`~swarmtrain.dht.node.SwarmNode`'s p2p replica, runs compute on a small thread pool inside the peer
+process, batches all rows for one expert into one call (:mod:`~swarmtrain.expert_pool.batching`), and validates
+every request (uid, shape, dtype, NaN/Inf, size, decodability) before anything reaches an optimizer.
+
+Network surface (grep ``rpc_``), all streams of ``runtime_pb2.ExpertRequest`` -> ``ExpertResponse``
+(framing in :mod:`~swarmtrain.expert_pool.wire`):
+
+* ``rpc_forward``: tensors ``[x]`` -> ``[expert(x)]`` computed without autograd;
+* ``rpc_backward``: tensors ``[x, grad_out]`` -> ``[grad_x]``; recomputes the forward with autograd and applies
+  one optimizer step of the expert per processed batch;
+* ``rpc_state``: the expert's parameters (to start hosting an expert someone else has been training).
+
+A refused request gets a response whose metadata is ``{"error": "<why>"}``; the server goes on serving.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import AsyncIterator, Mapping, Optional, Sequence
+
+import torch
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarmtrain.dht.node import LoopThread
+from swarmtrain.dht.records import ExpertLoad, Manifest
+from swarmtrain.dht.uids import parse_uid
+from swarmtrain.expert_pool.backend import ExpertBackend
+from swarmtrain.expert_pool.batching import BatchQueue, Verb
+from swarmtrain.expert_pool.codec import WireError, check_codec, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
+from swarmtrain.expert_pool.wire import DEFAULT_CHUNK_BYTES, error_response, pack_response, read_call
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertRequestError(ValueError):
+    """A request was refused (unknown expert, bad shape/dtype/values, too large); the message says why."""
+
+
+class ExpertServer(ServicerBase):
+    """Serves this peer's experts over the peer's p2p: ``rpc_forward``, ``rpc_backward``, ``rpc_state``.
+
+    :param p2p: the peer's hivemind P2P replica (``SwarmNode.p2p``)
+    :param loop: the loop thread the p2p replica lives on (``SwarmNode.loop``)
+    :param manifest: the run manifest: expert sizes, seed, optimizer, batch limits
+    :param max_rows: most rows one request may carry (default ``manifest.expert_pool.max_batch_rows``)
+    :param handler_threads: threads computing expert batches (different experts run in parallel)
+    :param max_batch_rows: most rows merged into one server-side batch (default: ``max_rows``)
+    :param max_wait_s: how long a non-full batch waits for more callers (default 0: no added latency)
+
+    Example::
+
+        server = ExpertServer(node.p2p, node.loop, manifest)
+        server.start()
+        server.add_expert("text.0.1")
+        ...
+        server.shutdown()
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        loop: LoopThread,
+        manifest: Manifest,
+        *,
+        max_rows: Optional[int] = None,
+        handler_threads: int = 2,
+        max_batch_rows: Optional[int] = None,
+        max_wait_s: float = 0.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.p2p, self.loop, self.manifest = p2p, loop, manifest
+        self.hidden = manifest.model.hidden
+        self.max_rows = int(max_rows or manifest.expert_pool.max_batch_rows)
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_batch_rows = int(max_batch_rows or self.max_rows)
+        self.max_wait_s = float(max_wait_s)
+        self.chunk_bytes = chunk_bytes
+        self.rejected = 0  # requests refused by validation
+        self._known_uids = frozenset(manifest.expert_uids())
+        self._backends: dict[str, ExpertBackend] = {}
+        self._queues: dict[str, BatchQueue] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(handler_threads, thread_name_prefix="expert-compute")
+        self._started = False
+
+    # ---- lifecycle and hosting -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register the ``rpc_*`` handlers on the peer's p2p (runs on the loop thread)."""
+        if not self._started:
+            self.loop.run(self.add_p2p_handlers(self.p2p), timeout=30)
+            self._started = True
+
+    def add_expert(self, uid: str, module: Optional[ExpertFFN] = None) -> None:
+        """Host expert ``uid`` (a fresh ``make_expert(uid, ..., manifest.seed)`` when ``module`` is None)."""
+        parse_uid(uid)
+        if uid not in self._known_uids:
+            raise ValueError(f"expert {uid!r} is not part of run {self.manifest.run_id!r}")
+        if uid in self._backends:
+            raise ValueError(f"expert {uid!r} is already hosted here")
+        spec = self.manifest.model
+        if module is None:
+            module = make_expert(uid, spec.hidden, spec.expert_ffn, self.manifest.seed)
+        if module.hidden != spec.hidden:
+            raise ValueError(f"expert {uid!r} has hidden size {module.hidden}, the run uses {spec.hidden}")
+        backend = ExpertBackend(uid, module, self.manifest.optimizer)
+        self._queues[uid] = BatchQueue(self._compute_fn(backend), self._executor, self.max_batch_rows, self.max_wait_s)
+        self._backends[uid] = backend
+
+    def remove_expert(self, uid: str) -> None:
+        """Stop hosting ``uid``; calls already queued still complete."""
+        if self._backends.pop(uid, None) is None:
+            raise KeyError(f"expert {uid!r} is not hosted here")
+        self._queues.pop(uid, None)
+
+    def hosted(self) -> dict[str, ExpertLoad]:
+        """Experts served here and their load (rows/s EMA, calls, optimizer steps)."""
+        return {uid: backend.load() for uid, backend in list(self._backends.items())}
+
+    def is_hosted(self, uid: str) -> bool:
+        """Whether expert ``uid`` is served here (cheap; for routing decisions)."""
+        return uid in self._backends
+
+    def module(self, uid: str) -> ExpertFFN:
+        """The live module of a hosted expert (for checkpointing; do not train it from outside)."""
+        return self._backend(uid).module
+
+    def shutdown(self) -> None:
+        """Unregister the handlers and stop the thread pool."""
+        if self._started:
+            try:
+                self.loop.run(self.remove_p2p_handlers(self.p2p), timeout=10)
+            except Exception as e:  # the daemon may already be gone
+                logger.debug(f"removing expert handlers: {e}")
+            self._started = False
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- in-process calls (same validation and compute as the RPCs, no network) ------------------------------
+
+    def forward_local(self, uid: str, x: torch.Tensor) -> torch.Tensor:
+        """Expert outputs for rows ``x [rows, hidden]`` (no autograd), as ``rpc_forward`` computes them."""
+        backend = self._backend(uid)
+        (x,) = self._check_rows(backend, (x,), ("x",))
+        return backend.forward(x)
+
+    def backward_local(self, uid: str, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. ``x`` and one optimizer step, as ``rpc_backward`` computes them."""
+        backend = self._backend(uid)
+        x, grad_out = self._check_rows(backend, (x, grad_out), ("x", "grad_out"))
+        return backend.backward(x, grad_out)
+
+    def state_dict(self, uid: str) -> dict[str, torch.Tensor]:
+        """A copy of expert ``uid``'s parameters."""
+        return self._backend(uid).state_dict()
+
+    def load_state_dict(self, uid: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace expert ``uid``'s parameters (e.g. fetched from another host with ``fetch_expert_state``)."""
+        self._backend(uid).load_state_dict(state)
+
+    # ---- RPC handlers ----------------------------------------------------------------------------------------
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Forward pass of one expert on a batch of rows."""
+        for message in await self._serve("forward", requests, context):
+            yield message
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Backward pass (grad w.r.t. inputs) of one expert, followed by one optimizer step of that expert."""
+        for message in await self._serve("backward", requests, context):
+            yield message
+
+    async def rpc_state(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Parameters of one hosted expert: tensors in the order of ``metadata["names"]``."""
+        try:
+            uid, _, _ = await read_call(requests, max_bytes=0)
+            state = self._backend(uid).state_dict()
+            names = sorted(state)
+            messages = pack_response({"names": names}, [encode_tensor(state[n]) for n in names], self.chunk_bytes)
+        except (WireError, ExpertRequestError) as e:
+            messages = error_response(str(e))
+        for message in messages:
+            yield message
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+
+    async def _serve(
+        self, verb: Verb, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> list[runtime_pb2.ExpertResponse]:
+        names = ("x",) if verb == "forward" else ("x", "grad_out")
+        try:
+            uid, meta, protos = await read_call(requests, max_bytes=self._max_request_bytes(len(names)))
+            backend = self._backend(uid)
+            codec = check_codec(meta.get("codec", "none"))
+            if len(protos) != len(names):
+                raise ExpertRequestError(f"{verb} of {uid} takes tensors {list(names)}, got {len(protos)} tensors")
+            limit = self.max_rows * self.hidden
+            tensors = self._check_rows(backend, [decode_tensor(p, max_elements=limit) for p in protos], names)
+            queue = self._queues.get(uid)
+            if queue is None:
+                raise ExpertRequestError(f"expert {uid!r} is not hosted by this peer")
+            output = await queue.submit(verb, tensors)
+            return pack_response({"version": backend.steps}, [encode_tensor(output, codec)], self.chunk_bytes)
+        except (WireError, ExpertRequestError) as e:
+            self.rejected += 1
+            logger.info(f"refused {verb} request from {context.remote_id}: {e}")
+            return error_response(str(e))
+        except Exception as e:  # a bug or resource error in compute: tell the caller, keep serving
+            logger.warning(f"{verb} request from {context.remote_id} failed", exc_info=True)
+            return error_response(f"{verb} failed on the server: {type(e).__name__}: {e}")
+
+    def _backend(self, uid: str) -> ExpertBackend:
+        backend = self._backends.get(uid)
+        if backend is None:
+            raise ExpertRequestError(f"expert {uid!r} is not hosted by this peer")
+        return backend
+
+    def _check_rows(
+        self, backend: ExpertBackend, tensors: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> tuple[torch.Tensor, ...]:
+        """Every tensor float32 ``[rows, hidden]``, 1 <= rows <= max_rows, equal rows, all values finite."""
+        for name, tensor in zip(names, tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise ExpertRequestError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            if tensor.dtype != torch.float32:
+                raise ExpertRequestError(f"{name} of {backend.uid} must be float32, got {tensor.dtype}")
+            if tensor.ndim != 2 or tensor.shape[1] != backend.hidden:
+                raise ExpertRequestError(
+                    f"{name} of {backend.uid} must have shape [rows, {backend.hidden}], got {list(tensor.shape)}"
+                )
+            if not 1 <= tensor.shape[0] <= self.max_rows:
+                raise ExpertRequestError(f"{name} has {tensor.shape[0]} rows; this server takes 1..{self.max_rows}")
+            if tensor.shape[0] != tensors[0].shape[0]:
+                raise ExpertRequestError(f"{name} has {tensor.shape[0]} rows but {names[0]} has {tensors[0].shape[0]}")
+            if not torch.isfinite(tensor).all():
+                raise ExpertRequestError(f"{name} of {backend.uid} contains NaN or Inf")
+        return tuple(tensor.detach().cpu() for tensor in tensors)
+
+    def _max_request_bytes(self, n_tensors: int) -> int:
+        return n_tensors * (4 * self.max_rows * self.hidden + 4096)
+
+    @staticmethod
+    def _compute_fn(backend: ExpertBackend):
+        def compute(verb: Verb, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return backend.forward(*tensors) if verb == "forward" else backend.backward(*tensors)
+
+        return compute

@@ -1,0 +1,424 @@
+"""Tests of the expert pool: codecs, batching, server, registry and RemoteDispatcher on real hivemind DHT + p2pd.
+
+In-process tests share one server node and one client node (each a real DHT process + p2pd on 127.0.0.1); the
+fault test runs the server as a separate process (``python -m swarmtrain.expert_pool.host``) and kills its whole
+process group mid-training.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarmtrain.dht.directory import SwarmDirectory
+from swarmtrain.dht.identity import Identity
+from swarmtrain.dht.node import SwarmNode
+from swarmtrain.dht.records import ExpertPoolSpec, Manifest, ModelSpec, OptimizerSpec
+from swarmtrain.expert_pool.batching import BatchQueue
+from swarmtrain.expert_pool.client import (
+    ExpertCallError,
+    HostBans,
+    RemoteDispatcher,
+    _call,
+    call_expert,
+    fetch_expert_state,
+)
+from swarmtrain.expert_pool.codec import WireError, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.dispatch import LocalDispatcher
+from swarmtrain.expert_pool.expert import make_expert
+from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
+from swarmtrain.expert_pool.server import ExpertServer
+from swarmtrain.expert_pool.wire import pack_request
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+HIDDEN, FFN, E = 32, 64, 4
+
+
+def make_manifest(coordinator: str, run_id: str = "pooltest", **pool) -> Manifest:
+    return Manifest(
+        run_id=run_id,
+        created_at=time.time(),
+        coordinator=coordinator,
+        seed=7,
+        modalities=("text",),
+        experts_per_layer={"text": E},
+        model=ModelSpec(hidden=HIDDEN, heads=4, layers=2, expert_ffn=FFN),
+        optimizer=OptimizerSpec(name="adam", lr=1e-2),
+        expert_pool=ExpertPoolSpec(**{"timeout_s": 5.0, "max_batch_rows": 40_000, **pool}),
+    )
+
+
+def reference(manifest: Manifest, layer: int = 0) -> LocalDispatcher:
+    uids = [f"text.{layer}.{i}" for i in range(E)]
+    return LocalDispatcher({u: make_expert(u, HIDDEN, FFN, manifest.seed) for u in uids})
+
+
+# ---- pure units (no network) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_codecs_round_trip_and_refuse_garbage():
+    x = torch.randn(300, 70)
+    assert torch.equal(decode_tensor(encode_tensor(x, "none")), x)
+    for codec, tolerance in (("fp16", 1e-3), ("blockwise8", 0.03)):
+        y = decode_tensor(encode_tensor(x, codec))
+        assert y.dtype == torch.float32 and y.shape == x.shape
+        assert ((y - x).norm() / x.norm()).item() < tolerance, codec
+    assert len(encode_tensor(x, "blockwise8").buffer) < len(encode_tensor(x, "none").buffer) / 3.5
+    bad = encode_tensor(x, "none")
+    bad.buffer = bad.buffer[:-4]
+    with pytest.raises(WireError, match="needs 84000 bytes"):
+        decode_tensor(bad)
+    with pytest.raises(WireError, match="more than the limit"):
+        decode_tensor(encode_tensor(x), max_elements=1000)
+    weird = runtime_pb2.Tensor(buffer=b"abc", size=[3], dtype="complex128")
+    with pytest.raises(WireError, match="unsupported tensor dtype"):
+        decode_tensor(weird)
+
+
+@pytest.mark.timeout(30)
+def test_choose_experts_to_host_spreads_peers():
+    uids = [f"text.0.{i}" for i in range(8)]
+    peers = [f"peer{i}" for i in range(4)]
+    # peers starting together see the same (empty) counts: the hash tie-break must spread their picks
+    picks = [tuple(choose_experts_to_host(uids, {}, 2, p)) for p in peers]
+    assert len(set(picks)) == len(peers)
+    assert len({u for pick in picks for u in pick}) >= 5
+    # peers joining one after another fill the least-served experts first: all 8 covered exactly once
+    served: dict[str, int] = {}
+    for p in peers:
+        for uid in choose_experts_to_host(uids, served, 2, p):
+            served[uid] = served.get(uid, 0) + 1
+    assert served == {u: 1 for u in uids}
+    assert choose_experts_to_host(uids, {u: 3 for u in uids[1:]}, 1, "x") == [uids[0]]
+    with pytest.raises(ValueError):
+        choose_experts_to_host(uids, {}, -1, "x")
+
+
+@pytest.mark.timeout(30)
+def test_batch_queue_merges_concurrent_callers():
+    module = make_expert("text.0.0", HIDDEN, FFN, 0)
+    sizes = []
+
+    def compute(verb, tensors):
+        sizes.append(tensors[0].shape[0])
+        time.sleep(0.02)
+        with torch.no_grad():
+            return module(tensors[0])
+
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = BatchQueue(compute, executor, max_batch_rows=64)
+    inputs = [torch.randn(8, HIDDEN) for _ in range(10)]
+
+    async def run():
+        return await asyncio.gather(*(queue.submit("forward", (x,)) for x in inputs))
+
+    outputs = asyncio.run(run())
+    executor.shutdown()
+    with torch.no_grad():
+        for x, y in zip(inputs, outputs):
+            assert torch.allclose(module(x), y, atol=1e-5)
+    assert sum(sizes) == 80 and max(sizes) <= 64
+    assert len(sizes) < 10  # callers that arrived while a batch ran were merged
+
+
+@pytest.mark.timeout(10)
+def test_host_bans_back_off_exponentially():
+    bans = HostBans(base_s=0.05, max_s=0.15)
+    assert not bans.banned("p")
+    assert bans.failure("p") == 0.05 and bans.banned("p") and bans.banned("p", "text.0.0")
+    assert bans.failure("p") == 0.1 and bans.failure("p") == 0.15  # capped
+    time.sleep(0.16)
+    assert not bans.banned("p")
+    bans.failure("q", "text.0.1")  # a refusal bans one expert of that host only
+    assert bans.banned("q", "text.0.1") and not bans.banned("q", "text.0.2")
+    bans.success("q", "text.0.1")
+    assert not bans.banned("q", "text.0.1")
+
+
+# ---- one server node + one client node in this process ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    server_node = SwarmNode("pooltest", Identity.load_or_create(None), host_maddrs=LOOPBACK)
+    client_node = SwarmNode(
+        "pooltest", Identity.load_or_create(None), host_maddrs=LOOPBACK, initial_peers=server_node.visible_maddrs()
+    )
+    manifest = make_manifest(server_node.peer_id)
+    server = ExpertServer(server_node.p2p, server_node.loop, manifest, max_rows=50_000)
+    server.start()
+    for i in range(E):
+        server.add_expert(f"text.0.{i}")
+    server_registry = ExpertRegistry(SwarmDirectory(server_node.dht, "pooltest", server_node.peer_id), server, 30)
+    assert server_registry.publish()
+    registry = ExpertRegistry(SwarmDirectory(client_node.dht, "pooltest", client_node.peer_id), None, 30)
+    registry.refresh()
+    try:
+        yield dict(server_node=server_node, client_node=client_node, manifest=manifest, server=server,
+                   registry=registry, server_registry=server_registry)
+    finally:
+        server.shutdown()
+        client_node.shutdown()
+        server_node.shutdown()
+
+
+def _call_sync(swarm, verb, uid, tensors, codec="none"):
+    node = swarm["client_node"]
+    return node.loop.run(call_expert(node.p2p, swarm["server_node"].peer_id, verb, uid, tensors, codec), timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_remote_dispatch_matches_local_and_trains(swarm):
+    manifest, server, node = swarm["manifest"], swarm["server"], swarm["client_node"]
+    assert [peer for peer, _ in swarm["registry"].hosts("text.0.1")] == [swarm["server_node"].peer_id]
+    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest)
+    assert dispatcher.live_mask("text", 0, E).all() and not dispatcher.live_mask("text", 1, E).any()
+    torch.manual_seed(0)
+    for trial in range(3):
+        ref = LocalDispatcher({u: _copy(server.module(u)) for u in (f"text.0.{i}" for i in range(E))})
+        before = {uid: load.version for uid, load in server.hosted().items()}
+        n = (5, 24, 61)[trial]
+        idx = torch.stack([torch.randperm(E)[:2] for _ in range(n)])
+        x = torch.randn(n, HIDDEN, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        out, answered = dispatcher.dispatch(x, idx, "text", 0)
+        out_ref, answered_ref = ref.dispatch(x_ref, idx, "text", 0)
+        assert answered.all() and torch.equal(answered, answered_ref)
+        assert torch.allclose(out, out_ref, atol=1e-5)
+        grad = torch.randn_like(out)
+        (out * grad).sum().backward()
+        (out_ref * grad).sum().backward()
+        assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+        used = set(f"text.0.{i}" for i in idx.unique().tolist())
+        after = server.hosted()
+        for uid in used:  # one optimizer step per expert per backward batch
+            assert after[uid].version == before[uid] + 1
+            assert not torch.equal(server.module(uid).w1.weight, ref.experts[uid].w1.weight)
+    assert dispatcher.stats.forward_failures == 0 and dispatcher.stats.backward_failures == 0
+    assert dispatcher.stats.forward_calls == dispatcher.stats.backward_calls > 0
+
+    # a lossy wire codec gives nearly the same outputs
+    fp16 = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest, codec="fp16")
+    x = torch.randn(16, HIDDEN)
+    idx = torch.randint(0, E, (16, 2))
+    with torch.no_grad():
+        out, answered = fp16.dispatch(x, idx, "text", 0)
+        exact, _ = dispatcher.dispatch(x, idx, "text", 0)
+    assert answered.all() and torch.allclose(out, exact, atol=1e-2)
+
+
+@pytest.mark.timeout(60)
+def test_local_server_experts_run_in_process(swarm):
+    """On the server's own node, its experts are called without the network (local_calls), same results."""
+    node, server = swarm["server_node"], swarm["server"]
+    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["server_registry"], swarm["manifest"], local_server=server)
+    ref = LocalDispatcher({u: _copy(server.module(u)) for u in (f"text.0.{i}" for i in range(E))})
+    version = server.hosted()["text.0.2"].version
+    x = torch.randn(10, HIDDEN, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    idx = torch.tensor([[2, 3]] * 10)
+    out, answered = dispatcher.dispatch(x, idx, "text", 0)
+    out_ref, _ = ref.dispatch(x_ref, idx, "text", 0)
+    out.sum().backward()
+    out_ref.sum().backward()
+    assert answered.all() and torch.allclose(out, out_ref, atol=1e-5) and torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    assert dispatcher.stats.local_calls == 4 and server.hosted()["text.0.2"].version == version + 1
+
+
+@pytest.mark.timeout(60)
+def test_bad_requests_get_clear_errors_and_server_keeps_serving(swarm):
+    server, manifest = swarm["server"], swarm["manifest"]
+    versions = {uid: load.version for uid, load in server.hosted().items()}
+    good = torch.randn(4, HIDDEN)
+    nan = good.clone()
+    nan[1, 3] = float("nan")
+    cases = [
+        ("forward", "text.1.0", [good], "not hosted by this peer"),
+        ("forward", "text.0.0", [torch.randn(4, HIDDEN + 1)], f"must have shape \\[rows, {HIDDEN}\\]"),
+        ("forward", "text.0.0", [torch.randn(2, 4, HIDDEN)], "must have shape"),
+        ("forward", "text.0.0", [good.double()], "must be float32, got torch.float64"),
+        ("backward", "text.0.0", [good, nan], "grad_out of text.0.0 contains NaN or Inf"),
+        ("backward", "text.0.0", [good, good[:3]], "has 3 rows but x has 4"),
+        ("backward", "text.0.0", [good], "takes tensors \\['x', 'grad_out'\\], got 1"),
+        ("forward", "text.0.0", [torch.randn(50_001, HIDDEN)], "more than the limit"),
+    ]
+    for verb, uid, tensors, message in cases:
+        with pytest.raises(ExpertCallError, match=message) as info:
+            _call_sync(swarm, verb, uid, tensors)
+        assert info.value.refused
+    # undecodable bytes: garbage metadata, a tensor buffer that does not match its header
+    node, peer = swarm["client_node"], swarm["server_node"].peer_id
+    garbage = [runtime_pb2.ExpertRequest(uid="text.0.0", metadata=b"\xc1\xff\x00")]
+    with pytest.raises(ExpertCallError, match="undecodable metadata"):
+        node.loop.run(_call(node.p2p, peer, "forward", garbage), timeout=30)
+    broken = encode_tensor(good)
+    broken.buffer = broken.buffer[:7]
+    with pytest.raises(ExpertCallError, match="needs 512 bytes, got 7"):
+        node.loop.run(_call(node.p2p, peer, "forward", pack_request("text.0.0", {}, [broken])), timeout=30)
+    lying = [runtime_pb2.ExpertRequest(uid="text.0.0", metadata=msgpack.packb({"n_tensors": 3}))]
+    with pytest.raises(ExpertCallError, match="announces 3 tensors"):
+        node.loop.run(_call(node.p2p, peer, "forward", lying), timeout=30)
+    # nothing reached an optimizer, and the server still answers good requests
+    assert {uid: load.version for uid, load in server.hosted().items()} == versions
+    assert server.rejected >= len(cases) + 3
+    (out,) = _call_sync(swarm, "forward", "text.0.0", [good])
+    assert torch.allclose(out, server.forward_local("text.0.0", good), atol=1e-6)
+    with pytest.raises(ValueError, match="contains NaN"):
+        server.backward_local("text.0.0", good, nan)
+
+
+@pytest.mark.timeout(90)
+def test_payload_over_4mib_streams(swarm):
+    server = swarm["server"]
+    rows = 5 * 2**20 // (4 * HIDDEN)  # 5 MiB of float32 per tensor: over hivemind's 4 MiB message cap
+    x, g = torch.randn(rows, HIDDEN), torch.randn(rows, HIDDEN)
+    (out,) = _call_sync(swarm, "forward", "text.0.3", [x])
+    assert torch.allclose(out, server.forward_local("text.0.3", x), atol=1e-5)
+    reference_module = _copy(server.module("text.0.3"))
+    (grad_x,) = _call_sync(swarm, "backward", "text.0.3", [x, g])
+    x_ref = x.clone().requires_grad_(True)
+    reference_module(x_ref).backward(g)
+    assert torch.allclose(grad_x, x_ref.grad, atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_state_fetch_and_refused_expert_is_retried_after_ban(swarm):
+    node, server, manifest = swarm["client_node"], swarm["server"], swarm["manifest"]
+    peer = swarm["server_node"].peer_id
+    state = node.loop.run(fetch_expert_state(node.p2p, peer, "text.0.1"), timeout=30)
+    assert state.keys() == server.state_dict("text.0.1").keys()
+    assert all(torch.equal(state[k], v) for k, v in server.state_dict("text.0.1").items())
+
+    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest, bans=HostBans(base_s=0.3))
+    saved = server.state_dict("text.0.1")
+    server.remove_expert("text.0.1")  # the registry still lists it: the host refuses, the expert is not answered
+    try:
+        x, idx = torch.randn(6, HIDDEN), torch.tensor([[1, 2]] * 6)
+        out, answered = dispatcher.dispatch(x, idx, "text", 0)
+        assert not answered[:, 0].any() and answered[:, 1].all() and (out[:, 0] == 0).all()
+        assert not dispatcher.live_mask("text", 0, E)[1] and dispatcher.live_mask("text", 0, E)[2]
+    finally:
+        server.add_expert("text.0.1")
+        server.load_state_dict("text.0.1", saved)
+    time.sleep(0.35)  # the ban expires and the host is tried again
+    assert dispatcher.live_mask("text", 0, E)[1]
+    _, answered = dispatcher.dispatch(x, idx, "text", 0)
+    assert answered.all()
+
+
+@pytest.mark.timeout(60)
+def test_registry_expires_dead_records(swarm):
+    node = swarm["client_node"]  # has published nothing yet: a short-lived record under its own subkey
+    other = ExpertServer(node.p2p, node.loop, swarm["manifest"])
+    other.add_expert("text.1.2")
+    publisher = ExpertRegistry(SwarmDirectory(node.dht, "pooltest", node.peer_id), other, ttl_s=1.5)
+    assert publisher.publish()
+    registry = swarm["registry"]
+    registry.refresh()
+    assert [p for p, _ in registry.hosts("text.1.2")] == [node.peer_id]
+    assert registry.served_counts(["text.1.2", "text.1.3", "text.0.0"]) == {"text.1.2": 1, "text.1.3": 0, "text.0.0": 1}
+    time.sleep(1.7)  # no republish: the cached entry expires without a refresh
+    assert registry.hosts("text.1.2") == []
+    registry.refresh()
+    assert registry.hosts("text.1.2") == [] and registry.hosts("text.0.0")
+    other.shutdown()
+
+
+# ---- a server in another process, killed mid-training -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_killed_server_process_makes_its_experts_not_answered(tmp_path):
+    coordinator = Identity.load_or_create(str(tmp_path / "coordinator.key"))
+    manifest = make_manifest(coordinator.peer_id, run_id="pooltest-kill", timeout_s=3.0)
+    (tmp_path / "manifest.json").write_text(manifest.model_dump_json())
+    _set_child_subreaper(True)  # the killed host's DHT process and p2pd get reparented to us, and reaped here
+    host = subprocess.Popen(
+        [sys.executable, "-m", "swarmtrain.expert_pool.host", "--manifest", str(tmp_path / "manifest.json"),
+         "--experts", "text.0.0", "text.0.1", "--refresh-s", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    node = None
+    try:
+        ready = json.loads(host.stdout.readline())
+        node = SwarmNode("pooltest-kill", Identity.load_or_create(None), host_maddrs=LOOPBACK,
+                         initial_peers=ready["maddrs"], trusted_coordinator=coordinator.peer_id)
+        local = ExpertServer(node.p2p, node.loop, manifest)
+        local.add_expert("text.0.2")
+        registry = ExpertRegistry(SwarmDirectory(node.dht, "pooltest-kill", node.peer_id), local, 30)
+        registry.refresh()
+        dispatcher = RemoteDispatcher(node.p2p, node.loop, registry, manifest, local_server=local)
+        assert dispatcher.live_mask("text", 0, E).tolist() == [True, True, True, False]
+        idx = torch.tensor([[0, 2], [1, 2], [0, 1]] * 4)
+        for step in range(3):  # training works across processes
+            x = torch.randn(12, HIDDEN, requires_grad=True)
+            out, answered = dispatcher.dispatch(x, idx, "text", 0)
+            assert answered.all()
+            out.pow(2).sum().backward()
+            assert x.grad.abs().sum() > 0
+        # kill the host process (with its DHT process and p2pd) between the forward and the backward of a step
+        x = torch.randn(12, HIDDEN, requires_grad=True)
+        out, answered = dispatcher.dispatch(x, idx, "text", 0)
+        _kill_group(host)
+        started = time.monotonic()
+        out.pow(2).sum().backward()  # remote backward fails: zero grad for those rows, no exception
+        assert dispatcher.stats.backward_failures == 2
+        local_rows = (idx == 2).any(dim=1)
+        assert (x.grad[~local_rows] == 0).all() and (x.grad[local_rows] != 0).any()
+        out, answered = dispatcher.dispatch(torch.randn(12, HIDDEN), idx, "text", 0)
+        assert time.monotonic() - started < 2 * manifest.expert_pool.timeout_s
+        assert answered[idx == 2].all() and not answered[idx != 2].any()
+        assert dispatcher.live_mask("text", 0, E).tolist() == [False, False, True, False]
+    finally:
+        if host.poll() is None:
+            _kill_group(host)
+        _set_child_subreaper(False)
+        if node is not None:
+            node.shutdown()
+
+
+def _set_child_subreaper(enabled: bool) -> None:
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process group we started and reap all its members (they are our children or reparented to us)."""
+    import psutil
+
+    members = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    for pid in members:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:  # not (yet) reparented to us, or already reaped
+                if not psutil.pid_exists(pid) or psutil.Process(pid).ppid() not in (os.getpid(), 1):
+                    break
+            time.sleep(0.05)
+    leftover = [pid for pid in members if psutil.pid_exists(pid)]
+    assert not leftover, f"processes of the killed host are still there: {leftover}"
+
+
+def _copy(module):
+    clone = make_expert("text.0.0", HIDDEN, FFN, 0)
+    clone.load_state_dict(module.state_dict())
+    return clone
