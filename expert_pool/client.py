@@ -265,49 +265,52 @@ class RemoteDispatcher:
 
 
 class _DispatchFunction(torch.autograd.Function):
-    """Autograd glue: forward sends one request per expert, backward one backward request per answered expert."""
+    """Autograd glue: forward sends one request per expert, backward one backward request per answered expert.
+
+    Rows cross the wire as float32 CPU tensors: ``x`` (on any device / dtype) is moved once per call, and outputs
+    and gradients are moved back once.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route]):
-        x = x.detach()
-        rows = [(x.index_select(0, route.rows).float(),) for route in routes]
-        outputs = dispatcher.run_calls("forward", routes, rows)
+        x_cpu = x.detach().to("cpu", torch.float32)
+        outputs = dispatcher.run_calls("forward", routes, [(x_cpu.index_select(0, r.rows),) for r in routes])
         n_pairs = sum(len(route.positions) for route in routes)
-        out = x.new_zeros(n_pairs, x.shape[1])
+        out = x_cpu.new_zeros(n_pairs, x.shape[1])
         answered = torch.zeros(n_pairs, dtype=torch.bool)
         for route, output in zip(routes, outputs):
             dispatcher.stats.forward_calls += 1
             if output is None:
                 dispatcher.stats.forward_failures += 1
                 continue
-            out.index_copy_(0, route.positions, output.to(out.dtype))
+            out.index_copy_(0, route.positions, output)
             answered[route.positions] = True
         ctx.dispatcher = dispatcher
         ctx.routes = [route for route, output in zip(routes, outputs) if output is not None]
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x_cpu)
+        ctx.x_device, ctx.x_dtype = x.device, x.dtype
+        answered = answered.to(x.device)
         ctx.mark_non_differentiable(answered)
-        return out, answered
+        return out.to(x.device, x.dtype), answered
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_answered: Optional[torch.Tensor]):
-        (x,) = ctx.saved_tensors
+        (x_cpu,) = ctx.saved_tensors
         dispatcher, routes = ctx.dispatcher, ctx.routes
-        grad_x = torch.zeros_like(x)
-        if not routes:
-            return grad_x, None, None
-        grad_out = grad_out.contiguous()
-        inputs = [
-            (x.index_select(0, r.rows).float(), grad_out.index_select(0, r.positions).float()) for r in routes
-        ]
-        grads = dispatcher.run_calls("backward", routes, inputs)
-        for route, grad in zip(routes, grads):
-            dispatcher.stats.backward_calls += 1
-            if grad is None:
-                dispatcher.stats.backward_failures += 1
-                logger.warning(f"backward of {route.uid} failed ({route.error}): {len(route.rows)} rows get zero grad")
-                continue
-            grad_x.index_add_(0, route.rows, grad.to(grad_x.dtype))
-        return grad_x, None, None
+        grad_x = torch.zeros_like(x_cpu)
+        if routes:
+            grad_out = grad_out.detach().to("cpu", torch.float32).contiguous()
+            inputs = [(x_cpu.index_select(0, r.rows), grad_out.index_select(0, r.positions)) for r in routes]
+            grads = dispatcher.run_calls("backward", routes, inputs)
+            for route, grad in zip(routes, grads):
+                dispatcher.stats.backward_calls += 1
+                if grad is None:
+                    dispatcher.stats.backward_failures += 1
+                    rows = len(route.rows)
+                    logger.warning(f"backward of {route.uid} failed ({route.error}): zero grad for {rows} rows")
+                    continue
+                grad_x.index_add_(0, route.rows, grad)
+        return grad_x.to(ctx.x_device, ctx.x_dtype), None, None
 
 
 async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict, list[torch.Tensor]]:
