@@ -82,6 +82,7 @@ class ExpertPoolSpec(_Strict):
     k_min: int = Field(1, ge=1, le=16)
     timeout_s: Finite = Field(15.0, gt=0, le=600)
     max_batch_rows: int = Field(65536, ge=1)
+    wire_codec: Literal["none", "fp16", "blockwise8"] = "none"  # activations/grads on the wire (expert_pool.codec)
 
 
 class DatasetSpec(_Strict):
