@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -136,8 +137,11 @@ def run_dashboard(options: DashboardOptions) -> int:
 
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked helper (hivemind's DHT process): its parent shuts it down in order
+            return
         if stop.is_set():  # a second Ctrl+C: give up waiting for a clean stop
             raise KeyboardInterrupt
         logger.info(f"received {signal.Signals(signum).name}, stopping")
