@@ -116,7 +116,7 @@ class SwarmNode:
         client_mode: bool = False,
         use_relay: bool = True,
         use_auto_relay: bool = False,
-        bootstrap_attempts: int = 5,
+        bootstrap_attempts: int = 6,
         bootstrap_backoff_s: float = 1.0,
         start_p2p: bool = True,
     ):
@@ -162,7 +162,7 @@ class SwarmNode:
                     ) from e
                 logger.warning(f"initial peers unreachable (attempt {attempt}/{attempts}: {e}); retrying in {delay:.0f}s")
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, 10.0)
 
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) other peers can use to reach this node."""

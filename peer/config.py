@@ -78,7 +78,7 @@ class PeerOptions(NetworkOptions):
     client_mode: bool = option(False, "do not accept incoming connections (behind NAT without port forwarding)")
     max_steps: int = option(0, "stop after this many training steps (0: run until stopped)")
     manifest_timeout_s: float = option(60.0, "how long to wait for the coordinator's manifest")
-    bootstrap_attempts: int = option(5, "tries to reach the initial peers (with exponential backoff)")
+    bootstrap_attempts: int = option(6, "tries to reach the initial peers (exponential backoff, at most 10 s apart)")
 
     def check(self) -> None:
         self.check_network()

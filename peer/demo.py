@@ -152,8 +152,8 @@ class Demo:
     def _stop_peers(self, observer: Optional[SwarmObserver]) -> None:
         """SIGTERM the peers; each evaluates once more and publishes a final heartbeat before it exits."""
         peers = [(n, p) for n, p in self.processes if n.startswith("peer-")]
-        for _, process in peers:
-            _signal_group(process, signal.SIGTERM)
+        for _, process in peers:  # the leader only: its DHT process and p2pd must live until it has said goodbye
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         for _, process in peers:
             try:
@@ -168,7 +168,8 @@ class Demo:
 
     def _stop_all(self) -> None:
         for _, process in self.processes:
-            _signal_group(process, signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for _, process in self.processes:
             try:

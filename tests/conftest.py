@@ -28,9 +28,12 @@ def spawn(args: list[str], log_path: str, env: dict | None = None) -> subprocess
 
 
 def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-    """Signal a process group, wait, then SIGKILL whatever is left; returns the leader's exit code."""
+    """Signal a group's leader (SIGKILL: the whole group), wait, then SIGKILL whatever is left of the group."""
     try:
-        os.killpg(process.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(process.pid, sig)
+        elif process.poll() is None:
+            process.send_signal(sig)
     except ProcessLookupError:
         pass
     try:
