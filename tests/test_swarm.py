@@ -91,6 +91,21 @@ def test_peers_verify_manifest_host_all_experts_and_train(swarm):
         assert hb["device"] == "cpu" and hb["modalities"] == ["text", "image"]
 
 
+@pytest.mark.timeout(120)
+def test_peer_rejects_a_manifest_not_signed_by_its_trusted_coordinator(swarm):
+    from swarmtrain.dht.identity import Identity
+
+    impostor = Identity.load_or_create(None)  # the peer is told to trust this key, which signed no manifest
+    result = subprocess.run(swarmtrain_cmd(
+        "peer", "--run-id", RUN, "--initial-peers", swarm.maddr, "--host-maddrs", LOOPBACK,
+        "--coordinator", impostor.peer_id, "--manifest-timeout-s", "6"), capture_output=True, text=True, timeout=100)
+    impostor.discard()
+    assert result.returncode == 1
+    assert f"no manifest signed by coordinator {impostor.peer_id}" in result.stderr.strip().splitlines()[-1]
+    assert "rejected a manifest record from the DHT" in result.stderr
+    assert f"the trusted coordinator is {impostor.peer_id}" in result.stderr
+
+
 @pytest.mark.timeout(180)
 def test_averaging_rounds_happen_between_peers(swarm):
     def averaged():
