@@ -76,7 +76,9 @@ class LabelledItems:
 
     def take(self, index: Tensor) -> "LabelledItems":
         """The items at ``index`` (a long tensor), in that order."""
-        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        def pick(values: Optional[Tensor]) -> Optional[Tensor]:
+            return None if values is None else values.index_select(0, index)
+
         return LabelledItems(pick(self.inputs), pick(self.labels), pick(self.captions), pick(self.caption_mask))
 
 
@@ -192,9 +194,9 @@ class DataSource:
     def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Batch]:
         """The held-out data in fixed batches, the same on every peer; each held-out item appears exactly once.
 
-        Text is cut into non-overlapping windows of ``text_seq_len + 1`` bytes. Batch ``i`` holds item ``i`` of each
-        modality's list of batches; a modality with fewer items stops appearing once they run out, so compare
-        per-modality losses, weighted by batch size. ``max_batches`` keeps only the first ones.
+        Text is cut into windows of ``text_seq_len + 1`` bytes at stride ``text_seq_len`` (each held-out byte is a
+        target once). Batch ``i`` holds the ``i``-th chunk of every modality; a modality with fewer items stops
+        appearing once they run out, so compare per-modality losses. ``max_batches`` keeps only the first ones.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -316,10 +318,11 @@ def _scan_folder(root: Path) -> tuple[list[Path], list[Path], list[Path], dict[P
         elif not entry.is_dir():
             raise ValueError(f"unsupported file {entry}: the data folder holds *.txt text files and class subfolders")
         else:
-            for item in sorted(entry.iterdir()):
+            contents = [item for item in sorted(entry.iterdir()) if not item.name.startswith(".")]
+            if not contents:
+                raise ValueError(f"class folder {entry} is empty: remove it or add images / WAV files")
+            for item in contents:
                 suffix = item.suffix.lower()
-                if item.name.startswith("."):
-                    continue
                 if not item.is_file():
                     raise ValueError(f"unexpected nested folder {item}: class folders must hold files only")
                 kind = image_files if suffix in IMAGE_SUFFIXES else audio_files if suffix in AUDIO_SUFFIXES else None

@@ -193,6 +193,8 @@ def test_bad_folders_give_clear_errors_naming_the_problem(tmp_path):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "bird" / "b.png")
         load(root, m=audio_manifest(num_classes=2))
     (root / "bird" / "b.png").unlink()
+    with pytest.raises(ValueError, match="class folder .*bird is empty"):
+        load(root)
     (root / "bird").rmdir()
 
     cases = [

@@ -267,4 +267,4 @@ def test_a_short_training_run_lowers_text_and_image_loss():
         optimizer.step()
     final = evaluate()
     assert initial["text"] > 5.0 and final["text"] < initial["text"] - 2.0, (initial, final)
-    assert final["image"] < initial["image"] - 0.5, (initial, final)
+    assert final["image"] < initial["image"] - 0.8, (initial, final)
