@@ -1,0 +1,186 @@
+"""Wire encodings of averaging traffic: float32, float16 and 8-bit blockwise (bitsandbytes), plus error feedback.
+
+A flat parameter vector is sent as a sequence of :class:`Segment` s (a range of the vector and the codec for it).
+With codec ``"8bit"`` each parameter tensor with at least :data:`SMALL_TENSOR` elements is quantized blockwise
+(bitsandbytes' dynamic 8-bit map, one float32 absmax per ``blocksize`` elements); smaller tensors (biases, norms)
+are sent as float16, where 8-bit blocks would cost more in absmax overhead and error than they save.
+
+:class:`ErrorFeedback` keeps, per element, what quantization dropped last time and adds it to the next message
+(Seide et al. 2014, "1-bit SGD"; Karimireddy et al. 2019, "Error feedback fixes SignSGD"):
+``e_{t+1} = x_t + e_t - Q(x_t + e_t)``, so the sum of what was sent tracks the sum of what was meant to be sent to
+within one step's quantization error instead of drifting.
+
+This module only converts tensors to and from bytes; it knows nothing about peers or the protocol. Decoding
+validates sizes and rejects non-finite values with :class:`WireError` (the caller drops the message).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from hivemind.proto import runtime_pb2
+
+Codec = Literal["none", "fp16", "8bit"]
+CODECS: tuple[str, ...] = ("none", "fp16", "8bit")
+SMALL_TENSOR = 4096  # tensors with fewer elements travel as float16 under the 8-bit codec
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
+
+_WIRE = {  # segment codec -> (protobuf compression, dtype tag)
+    "none": (runtime_pb2.CompressionType.NONE, "float32"),
+    "fp16": (runtime_pb2.CompressionType.FLOAT16, "float16"),
+    "8bit": (runtime_pb2.CompressionType.BLOCKWISE_8BIT, "uint8-blockwise"),
+}
+_BY_COMPRESSION = {compression: name for name, (compression, _) in _WIRE.items()}
+
+
+class WireError(ValueError):
+    """A received chunk is malformed, has the wrong size, or holds NaN/Inf."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Flat elements ``[lo, hi)`` sent as one message with ``codec``."""
+
+    lo: int
+    hi: int
+    codec: str
+
+
+def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize: int = 4096) -> list[Segment]:
+    """Split a flat vector made of tensors of ``sizes`` into wire segments of at most ``chunk_elems`` elements.
+
+    For ``"none"``/``"fp16"`` the vector is cut evenly. For ``"8bit"``, large tensors are cut at multiples of
+    ``blocksize`` (so blocks never straddle two tensors) and runs of small tensors are packed into float16 segments.
+    """
+    check_codec(codec, blocksize)
+    if chunk_elems < blocksize:
+        raise ValueError(f"chunk_elems={chunk_elems} must be at least blocksize={blocksize}")
+    total = int(sum(sizes))
+    if codec != "8bit":
+        return [Segment(lo, min(lo + chunk_elems, total), codec) for lo in range(0, total, chunk_elems)]
+    step = chunk_elems - chunk_elems % blocksize
+    segments: list[Segment] = []
+    small_lo = None
+    offset = 0
+    for size in sizes:
+        if size < SMALL_TENSOR:
+            if small_lo is None:
+                small_lo = offset
+            elif offset + size - small_lo > chunk_elems:
+                segments.append(Segment(small_lo, offset, "fp16"))
+                small_lo = offset
+        else:
+            if small_lo is not None:
+                segments.append(Segment(small_lo, offset, "fp16"))
+                small_lo = None
+            segments.extend(Segment(lo, min(lo + step, offset + size), "8bit") for lo in range(offset, offset + size, step))
+        offset += size
+    if small_lo is not None and offset > small_lo:
+        segments.append(Segment(small_lo, offset, "fp16"))
+    return segments
+
+
+def encode(x: torch.Tensor, codec: str, blocksize: int = 4096) -> tuple[runtime_pb2.Tensor, torch.Tensor]:
+    """Encode the float32 vector ``x``: (message, what the receiver will decode from it)."""
+    x = x.reshape(-1)
+    if x.dtype != torch.float32:
+        raise TypeError(f"encode expects float32, got {x.dtype}")
+    compression, dtype = _WIRE[check_codec(codec, blocksize)]
+    if codec == "none":
+        buffer, decoded = x.numpy().tobytes(), x
+    elif codec == "fp16":
+        half = x.to(torch.float16)
+        buffer, decoded = half.numpy().tobytes(), half.to(torch.float32)
+    else:
+        qmap = _dynamic_map()
+        codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, qmap, blocksize)
+        buffer = absmax.numpy().tobytes() + codes.numpy().tobytes()
+        decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
+    message = runtime_pb2.Tensor(buffer=buffer, size=[x.numel()], dtype=dtype, compression=compression)
+    return message, decoded
+
+
+def decode(message: runtime_pb2.Tensor, numel: int, blocksize: int = 4096) -> tuple[torch.Tensor, str]:
+    """Decode a message holding exactly ``numel`` finite values: (float32 vector, its codec); else WireError."""
+    name = _BY_COMPRESSION.get(message.compression)
+    if name is None or message.dtype != _WIRE[name][1]:
+        raise WireError(f"unknown encoding compression={message.compression} dtype={message.dtype!r}")
+    if list(message.size) != [numel]:
+        raise WireError(f"chunk has size {list(message.size)}, expected [{numel}]")
+    buffer = message.buffer
+    if name == "8bit":
+        nblocks = -(-numel // blocksize)
+        if len(buffer) != 4 * nblocks + numel:
+            raise WireError(f"8-bit chunk of {numel} elements has {len(buffer)} bytes, expected {4 * nblocks + numel}")
+        absmax = torch.from_numpy(np.frombuffer(buffer, dtype=np.float32, count=nblocks).copy())
+        codes = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, offset=4 * nblocks).copy())
+        qmap = _dynamic_map()
+        x = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
+    else:
+        width = 4 if name == "none" else 2
+        if len(buffer) != width * numel:
+            raise WireError(f"{name} chunk of {numel} elements has {len(buffer)} bytes, expected {width * numel}")
+        dtype = np.float32 if name == "none" else np.float16
+        x = torch.from_numpy(np.frombuffer(buffer, dtype=dtype).copy()).to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise WireError(f"chunk of {numel} elements holds NaN or Inf")
+    return x, name
+
+
+def check_codec(codec: str, blocksize: int = 4096) -> str:
+    """Return ``codec`` if it and ``blocksize`` are supported, else raise ValueError."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown averaging codec {codec!r}; choose one of {CODECS}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not supported by bitsandbytes; choose one of {BLOCKSIZES}")
+    return codec
+
+
+class ErrorFeedback:
+    """Per-element residuals of lossy encoding, for one flat vector of ``numel`` elements.
+
+    Example (one segment)::
+
+        y = feedback.compensate(lo, x)          # x_t + e_t
+        message, decoded = encode(y, "8bit")
+        feedback.update(lo, y, decoded)         # e_{t+1} = (x_t + e_t) - Q(x_t + e_t)
+    """
+
+    def __init__(self, numel: int):
+        self.residual: Optional[torch.Tensor] = None  # allocated on the first lossy update
+        self.numel = numel
+
+    def compensate(self, lo: int, x: torch.Tensor) -> torch.Tensor:
+        """``x + e[lo:lo+len(x)]`` (a new tensor; ``x`` itself is left unchanged)."""
+        if self.residual is None:
+            return x.clone()
+        return x + self.residual[lo : lo + x.numel()]
+
+    def update(self, lo: int, meant: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Remember what encoding dropped from ``meant`` (the compensated vector) over ``[lo, lo+len)``."""
+        if decoded is meant:  # lossless segment: nothing dropped
+            if self.residual is not None:
+                self.residual[lo : lo + meant.numel()].zero_()
+            return
+        if self.residual is None:
+            self.residual = torch.zeros(self.numel, dtype=torch.float32)
+        torch.sub(meant, decoded, out=self.residual[lo : lo + meant.numel()])
+
+    def norm(self) -> float:
+        """L2 norm of the current residuals (0 before any lossy update)."""
+        return 0.0 if self.residual is None else float(self.residual.norm())
+
+
+_DYNAMIC_MAP: Optional[torch.Tensor] = None
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (computed once, on first use)."""
+    global _DYNAMIC_MAP
+    if _DYNAMIC_MAP is None:
+        import bitsandbytes.functional as bnb_functional  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+        _DYNAMIC_MAP = bnb_functional.create_dynamic_map()
+    return _DYNAMIC_MAP

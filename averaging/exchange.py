@@ -1,0 +1,262 @@
+"""The two sides of one averaging exchange, and the state transfer to a joining peer, over hivemind p2p streams.
+
+Message order is described in :mod:`swarmtrain.averaging.protocol`; the arithmetic is done by
+:class:`~swarmtrain.averaging.replica.LocalReplica`. These functions neither choose partners nor keep
+statistics beyond bytes: :class:`~swarmtrain.averaging.gossip.GossipAverager` does.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarmtrain.averaging import protocol, rules
+from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, WireError, decode, encode
+from swarmtrain.averaging.protocol import ProtocolError
+from swarmtrain.averaging.replica import LocalReplica
+
+MAX_CHUNK_ELEMS = 1 << 24  # a chunk larger than this is refused (64 MiB of float32)
+
+
+class Rejected(Exception):
+    """The partner's tensors were refused (NaN/Inf, wrong sizes, outlier) or it refused ours."""
+
+
+class Meter:
+    """Payload bytes of averaging messages in each direction."""
+
+    def __init__(self):
+        self.sent = self.received = 0
+
+    def out(self, message):
+        self.sent += message.ByteSize()
+        return message
+
+    def inp(self, message):
+        self.received += message.ByteSize()
+        return message
+
+
+@dataclass
+class Outcome:
+    """How a served exchange ended: "ok", "rejected" (bad data), "failed" (broke off), "stale" or "aborted"."""
+
+    result: str = "failed"
+    error: str = "the initiator went away mid-exchange"
+    weight: float = 1.0  # the initiator's push-sum weight
+
+
+async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str,
+                   local_step: Callable[[], int]) -> str:
+    """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
+    bad data and ConnectionError (or any p2p error) when the partner goes away. Parameters change only on "ok"."""
+    outbox: asyncio.Queue = asyncio.Queue()
+    hello = protocol.hello(group, replica.numel, replica.layout, replica.spec.codec, replica.spec.blocksize,
+                           replica.weight, local_step())
+
+    async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        yield meter.out(hello)
+        while (message := await outbox.get()) is not None:
+            yield meter.out(message)
+
+    stream = await stream_factory(requests())
+    sender: Optional[asyncio.Task] = None
+    try:
+        kind, meta, _ = protocol.parse(await _next(stream, meter), ("accept", "refuse"))
+        if kind == "refuse":
+            if meta.get("reason") in ("busy", "banned"):
+                return "busy"
+            raise Rejected(f"partner refused: {meta.get('reason')}")
+        weight_p = protocol.field(meta, "weight", float, low=1e-9, high=1e9)
+        step0 = local_step()
+        snapshot = torch.empty(replica.numel) if replica.outer is not None else None
+        sender = asyncio.create_task(_send_values(replica, outbox, snapshot))
+        received = torch.empty(replica.numel)  # B = x_p - A, as both sides decode it
+        for segment in replica.segments:
+            kind, meta, tensor = protocol.parse(await _next(stream, meter), ("chunk", "refuse"))
+            if kind == "refuse":
+                raise Rejected(f"partner refused mid-exchange: {meta.get('reason')}")
+            if protocol.field(meta, "o", int) != segment.lo or tensor is None:
+                raise ProtocolError(f"expected the chunk at offset {segment.lo}")
+            values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize)
+            if codec != segment.codec:
+                raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
+            received[segment.lo : segment.hi] = values
+        own_norm, sent_norm = await sender
+        tau = max(0, local_step() - step0)
+        factor, why_not = replica.commit_factor(tau, float(received.norm()), own_norm, sent_norm)
+        if why_not is not None:
+            outbox.put_nowait(protocol.request("abort", reason=why_not))
+            outbox.put_nowait(None)
+            if why_not == "stale":
+                return "stale"
+            raise Rejected(why_not)
+        outbox.put_nowait(protocol.request("commit", factor=factor))
+        outbox.put_nowait(None)
+        kind, meta, _ = protocol.parse(await _next(stream, meter), ("done", "refuse"))
+        if kind == "refuse":
+            raise Rejected(f"partner refused to commit: {meta.get('reason')}")
+        alpha, new_weight = rules.mixing(replica.weight, weight_p, factor)
+        await replica.call(replica.apply, received.mul_(alpha), snapshot)
+        replica.weight = new_weight
+        return "ok"
+    finally:
+        if sender is not None and not sender.done():
+            sender.cancel()
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, meter: Meter, outcome: Outcome,
+                still_ours: Callable[[], bool]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Serve one exchange as the partner after an accepted ``hello``; the end is recorded in ``outcome``.
+
+    ``still_ours()`` turns False when the averager gave up on this exchange (it ran past the timeout): then
+    nothing is applied. Bad data ends the exchange with a ``refuse`` message and leaves parameters untouched.
+    """
+    codec_blocksize = hello["blocksize"]
+    timeout = replica.spec.timeout_s
+    outcome.weight = hello["weight"]
+    try:
+        yield protocol.response("accept", weight=replica.weight)
+        numel = replica.numel
+        received = torch.empty(numel)
+        snapshot = torch.empty(numel) if replica.outer is not None else None
+        own_sq = their_sq = 0.0
+        offset = 0
+        while offset < numel:
+            message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
+            kind, meta, tensor = protocol.parse(message, ("chunk", "abort"))
+            if kind == "abort":
+                outcome.result, outcome.error = "aborted", str(meta.get("reason"))
+                return
+            if protocol.field(meta, "o", int) != offset or tensor is None or len(tensor.size) != 1:
+                raise ProtocolError(f"expected one chunk at offset {offset}")
+            n = int(tensor.size[0])
+            if not 0 < n <= min(numel - offset, MAX_CHUNK_ELEMS):
+                raise ProtocolError(f"chunk of {n} elements at offset {offset} does not fit {numel}")
+            reply, x, theirs, b = await replica.call(replica.answer_chunk, tensor, offset, n, codec_blocksize)
+            if snapshot is not None:
+                snapshot[offset : offset + n] = x
+            own_sq += float(x.square().sum())
+            their_sq += float(theirs.square().sum())
+            received[offset : offset + n] = b
+            yield protocol.response("chunk", reply, o=offset)
+            offset += n
+        message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
+        kind, meta, _ = protocol.parse(message, ("commit", "abort"))
+        if kind == "abort":
+            outcome.result = "stale" if meta.get("reason") == "stale" else "aborted"
+            outcome.error = str(meta.get("reason"))
+            return
+        factor = protocol.field(meta, "factor", float, low=0.0, high=1.0)
+        distance = float(received.norm())
+        if rules.is_outlier(distance, own_sq**0.5, their_sq**0.5, replica.spec.max_rel_distance):
+            raise Rejected(f"outlier: initiator is {distance:.3g} away, our norm is {own_sq ** 0.5:.3g}")
+        if not still_ours():
+            outcome.result, outcome.error = "failed", "timed out before the commit"
+            return
+        alpha, new_weight = rules.mixing(replica.weight, hello["weight"], factor)
+        await replica.call(replica.apply, received.mul_(-alpha), snapshot)
+        replica.weight = new_weight
+        outcome.result = "ok"
+        yield protocol.response("done")
+    except (ProtocolError, WireError, Rejected) as e:
+        outcome.result, outcome.error = "rejected", str(e)
+        yield protocol.response("refuse", reason=str(e)[:200])
+    except (asyncio.TimeoutError, StopAsyncIteration, ConnectionError) as e:
+        outcome.result, outcome.error = "failed", f"initiator went silent ({type(e).__name__})"
+
+
+def check_hello(replica: LocalReplica, group: str, message) -> dict:
+    """The fields of a valid ``hello`` for this replica and group; ProtocolError otherwise."""
+    _, meta, _ = protocol.parse(message, ("hello",))
+    if meta.get("v") != protocol.PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {meta.get('v')!r}, we speak {protocol.PROTOCOL_VERSION}")
+    if meta.get("group") != group:
+        raise ProtocolError(f"group {meta.get('group')!r} is not {group!r}")
+    check_layout(replica, meta)
+    if meta.get("codec") not in CODECS or meta.get("blocksize") not in BLOCKSIZES:
+        raise ProtocolError(f"unsupported codec {meta.get('codec')!r} / blocksize {meta.get('blocksize')!r}")
+    meta["weight"] = protocol.field(meta, "weight", float, low=1e-9, high=1e9)
+    return meta
+
+
+def check_layout(replica: LocalReplica, meta: dict) -> None:
+    if meta.get("numel") != replica.numel or meta.get("layout") != replica.layout:
+        raise ProtocolError(
+            f"parameter layout differs: they have {meta.get('numel')!r} elements (layout {meta.get('layout')!r}), "
+            f"we have {replica.numel} (layout {replica.layout})"
+        )
+
+
+async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Stream our parameters (float32, one consistent snapshot) to a joining peer."""
+    try:
+        _, meta, _ = protocol.parse(request, ("state",))
+        check_layout(replica, meta)
+    except ProtocolError as e:
+        yield meter.out(protocol.response("refuse", reason=str(e)[:200]))
+        return
+    snapshot = await replica.call(replica.snapshot)
+    yield meter.out(protocol.response("accept", numel=replica.numel))
+    step = replica.spec.chunk_elems
+    for lo in range(0, replica.numel, step):
+        message, _ = encode(snapshot[lo : lo + step], "none")
+        yield meter.out(protocol.response("chunk", message, o=lo))
+    yield meter.out(protocol.response("done"))
+
+
+async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str) -> torch.Tensor:
+    """Download a peer's parameters: a float32 vector of ``replica.numel`` finite values, or an exception."""
+    request = protocol.request("state", group=group, numel=replica.numel, layout=replica.layout)
+    stream = await stream_factory(meter.out(request))
+    try:
+        kind, meta, _ = protocol.parse(await _next(stream, meter), ("accept", "refuse"))
+        if kind == "refuse":
+            raise Rejected(f"peer refused to send its state: {meta.get('reason')}")
+        state = torch.empty(replica.numel)
+        offset = 0
+        while True:
+            kind, meta, tensor = protocol.parse(await _next(stream, meter), ("chunk", "done"))
+            if kind == "done":
+                break
+            if protocol.field(meta, "o", int) != offset or tensor is None or len(tensor.size) != 1:
+                raise ProtocolError(f"expected a state chunk at offset {offset}")
+            n = int(tensor.size[0])
+            if not 0 < n <= min(replica.numel - offset, MAX_CHUNK_ELEMS):
+                raise ProtocolError(f"state chunk of {n} elements at offset {offset} does not fit {replica.numel}")
+            values, _ = await replica.call(decode, tensor, n, replica.spec.blocksize)
+            state[offset : offset + n] = values
+            offset += n
+        if offset != replica.numel:
+            raise ProtocolError(f"state ended after {offset} of {replica.numel} elements")
+        return state
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor]):
+    """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||) for the outlier check."""
+    own_sq = sent_sq = 0.0
+    for segment in replica.segments:
+        message, x, decoded = await replica.call(replica.encode_own, segment)
+        if snapshot is not None:
+            snapshot[segment.lo : segment.hi] = x
+        own_sq += float(x.square().sum())
+        sent_sq += float(decoded.square().sum())
+        outbox.put_nowait(protocol.request("chunk", message, o=segment.lo))
+    return own_sq**0.5, sent_sq**0.5
+
+
+async def _next(stream, meter: Meter):
+    try:
+        message = await anext(stream)
+    except StopAsyncIteration:
+        raise ConnectionError("the partner closed the stream") from None
+    return meter.inp(message)

@@ -1,0 +1,118 @@
+"""This peer's side of an exchange: its parameters, lock, codec state, push-sum weight and outer optimizer.
+
+Everything that reads or writes the trainer's parameters goes through :class:`LocalReplica`, always under the
+trainer's lock and only for one chunk at a time, on a small thread pool (never on the node's event loop, which
+also serves other peers). Not for: talking to peers (:mod:`swarmtrain.averaging.exchange`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarmtrain.averaging import rules
+from swarmtrain.averaging.codec import ErrorFeedback, Segment, decode, encode, plan_segments
+from swarmtrain.averaging.flat import FlatParams
+from swarmtrain.dht.records import AveragingSpec
+
+
+class LocalReplica:
+    """The local parameters as the averaging protocol sees them.
+
+    :param params: the trainer's tensors (updated in place)
+    :param lock: the trainer's lock; held here only around one chunk's copy or addition
+    :param spec: codec, chunking, staleness and outlier settings
+    :param name: for thread names
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lock: threading.Lock, spec: AveragingSpec, name: str):
+        self.flat = FlatParams(params)
+        if self.flat.numel == 0:
+            raise ValueError("averaging needs at least one parameter element")
+        self.lock, self.spec = lock, spec
+        self.segments = plan_segments([p.numel() for p in self.flat.params], spec.codec, spec.chunk_elems,
+                                      spec.blocksize)
+        self.feedback = ErrorFeedback(self.flat.numel)
+        self.weight = 1.0  # push-sum weight (rules.mixing)
+        self.outer: Optional[rules.OuterNesterov] = None  # diloco mode only, see start_outer
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"avg-{name}")
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+    @property
+    def layout(self) -> str:
+        return self.flat.layout
+
+    async def call(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the replica's thread pool (tensor work stays off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def start_outer(self) -> None:
+        """Diloco mode: remember the current parameters as the outer optimizer's starting point."""
+        if self.spec.mode == "diloco" and self.outer is None:
+            self.outer = rules.OuterNesterov(self.snapshot(), self.spec.outer_lr, self.spec.outer_momentum)
+
+    def snapshot(self) -> torch.Tensor:
+        """A float32 copy of all parameters, taken in one lock acquisition (consistent across tensors)."""
+        with self.lock:
+            return self.flat.read()
+
+    def load(self, state: torch.Tensor) -> None:
+        """Overwrite all parameters with ``state`` (one lock acquisition)."""
+        with self.lock:
+            self.flat.copy_(state)
+        if self.outer is not None:
+            self.outer = rules.OuterNesterov(state, self.spec.outer_lr, self.spec.outer_momentum)
+
+    def encode_own(self, segment: Segment) -> tuple[runtime_pb2.Tensor, torch.Tensor, torch.Tensor]:
+        """Initiator: (message for ``segment``, our values x, what the partner decodes) with error feedback."""
+        with self.lock:
+            x = self.flat.read(segment.lo, segment.hi)
+        if segment.codec == "none":
+            message, decoded = encode(x, "none")
+            return message, x, decoded
+        meant = self.feedback.compensate(segment.lo, x)
+        message, decoded = encode(meant, segment.codec, self.spec.blocksize)
+        self.feedback.update(segment.lo, meant, decoded)
+        return message, x, decoded
+
+    def answer_chunk(self, tensor: runtime_pb2.Tensor, offset: int, n: int, blocksize: int):
+        """Partner: decode the initiator's values ``a`` for ``[offset, offset+n)`` and answer ``b = x - a``
+        encoded the same way; returns (reply message, our x, a, decoded b). Raises WireError on bad input."""
+        theirs, codec = decode(tensor, n, blocksize)
+        with self.lock:
+            x = self.flat.read(offset, offset + n)
+        reply, b = encode(x - theirs, codec, blocksize)
+        return reply, x, theirs, b
+
+    def commit_factor(self, tau: int, distance: float, own_norm: float, sent_norm: float):
+        """Initiator: (mixing factor, None) or (0, reason to abort) for a partner at L2 ``distance``."""
+        if tau > self.spec.max_staleness:
+            return 0.0, "stale"
+        if rules.is_outlier(distance, own_norm, sent_norm, self.spec.max_rel_distance):
+            return 0.0, f"outlier: partner is {distance:.3g} away, our norm is {own_norm:.3g}"
+        factor = rules.staleness_scale(tau) if self.spec.staleness_scaling else 1.0
+        clip = None if self.spec.clip_rel is None else self.spec.clip_rel * max(own_norm, 1e-12)
+        return factor * rules.clip_factor(distance, clip), None
+
+    def apply(self, delta: torch.Tensor, snapshot: Optional[torch.Tensor]) -> None:
+        """Add the pair-averaging move ``delta`` to the live parameters, chunk by chunk under the lock (so the
+        trainer never waits long); in diloco mode move to the outer optimizer's new point instead, relative to
+        the values ``snapshot`` the exchange was computed from."""
+        if self.outer is not None:
+            if snapshot is None:
+                raise ValueError("diloco mode needs the snapshot the exchange was computed from")
+            delta = self.outer.step(snapshot + delta) - snapshot
+        step = self.spec.chunk_elems
+        for lo in range(0, self.flat.numel, step):
+            with self.lock:
+                self.flat.add_(lo, delta[lo : lo + step])
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
