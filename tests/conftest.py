@@ -69,13 +69,28 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+# Every process this test session starts (role processes, DHT processes, their p2pd) inherits this marker, so the
+# leak check below finds exactly our own p2pd daemons and never touches those of other sessions on the machine.
+SESSION_MARKER = "SWARMTRAIN_TEST_SESSION"
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{time.time_ns()}"
+
+
 def _p2pd_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
+    pids = set()
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != "p2pd":
+            continue
+        try:
+            if proc.environ().get(SESSION_MARKER) == os.environ[SESSION_MARKER]:
+                pids.add(proc.pid)
+        except psutil.Error:
+            pass
+    return pids
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_p2pd():
-    """Fail the session if the tests leave p2pd daemons behind."""
+    """Fail the session if its tests leave p2pd daemons behind (only this session's daemons are considered)."""
     before = _p2pd_pids()
     yield
     deadline = time.monotonic() + 15
