@@ -186,8 +186,8 @@ class PeerDaemon:
 
     def _train(self, stop: threading.Event) -> None:
         opts, training = self.options, self.manifest.training
-        self.trainer.evaluate()
-        logger.info(f"initial validation loss {self.trainer.stats.val_loss:.4f}")
+        while not self._evaluate_initial() and not stop.wait(1.0):
+            pass
         self._publish_heartbeat()
         last_eval = last_log = time.monotonic()
         while not stop.is_set():
@@ -213,6 +213,17 @@ class PeerDaemon:
                 last_log = now
         self.trainer.evaluate()
         self._publish_heartbeat()
+
+    def _evaluate_initial(self) -> bool:
+        """Validation loss before the first step; False while too few experts are live to run the model."""
+        try:
+            self.trainer.evaluate()
+        except RuntimeError as e:
+            logger.info(f"waiting for the swarm before the first evaluation: {e}")
+            self._publish_heartbeat()
+            return False
+        logger.info(f"initial validation loss {self.trainer.stats.val_loss:.4f}")
+        return True
 
     def _maintain(self) -> None:
         period = self.manifest.training.heartbeat_period_s
