@@ -202,7 +202,7 @@ class PeerDaemon:
                 break
             now = time.monotonic()
             if now - last_eval >= training.eval_every_s:
-                self.trainer.evaluate()
+                self._evaluate()
                 last_eval = now
             if now - last_log >= 10:
                 avg = self.averager.stats()
@@ -211,8 +211,14 @@ class PeerDaemon:
                     f"{stats.samples_per_s:.1f} samples/s, averaging rounds {avg.rounds} (failed {avg.failures})"
                 )
                 last_log = now
-        self.trainer.evaluate()
+        self._evaluate()
         self._publish_heartbeat()
+
+    def _evaluate(self) -> None:
+        try:
+            self.trainer.evaluate()
+        except RuntimeError as e:  # experts vanished mid-evaluation: keep the previous value
+            logger.warning(f"evaluation skipped: {e}")
 
     def _evaluate_initial(self) -> bool:
         """Validation loss before the first step; False while too few experts are live to run the model."""
