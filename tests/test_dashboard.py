@@ -1,0 +1,603 @@
+"""The dashboard against a real small swarm: API, metrics, forged records, history, and a real headless chromium.
+
+The swarm is real hivemind DHT nodes (each with its p2pd) on 127.0.0.1 in child processes: a coordinator that
+publishes the signed manifest, two peers that publish signed heartbeats, expert and averaging records, and a rogue
+that stores forged records. Each child reports every record it published over a pipe, so the test compares what
+the dashboard shows with what was really published.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from swarmtrain.dashboard import DashboardServer
+from swarmtrain.dashboard.history import HistoryStore, PeerPoint
+from swarmtrain.dashboard.tracking import PeerBook
+from swarmtrain.dht.directory import SwarmDirectory
+from swarmtrain.dht.identity import Identity
+from swarmtrain.dht.keys import RecordKind, dht_key
+from swarmtrain.dht.node import SwarmNode
+from swarmtrain.dht.records import (
+    AveragingRecord,
+    ExpertLoad,
+    ExpertsRecord,
+    Heartbeat,
+    Manifest,
+    TrainingSpec,
+)
+from swarmtrain.dht.validator import SwarmRecordValidator
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+RUN_ID = "dash-test"
+PERIOD_S = 1.0  # how often the children publish
+HEARTBEAT = TrainingSpec(heartbeat_period_s=1.5, heartbeat_ttl_s=5.0)  # stale after 3 s, gone after <= 5 s
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ALICE_EXPERTS = ("text.0.0", "text.0.1", "text.1.0")
+BOB_EXPERTS = ("text.0.0", "image.0.0")
+EVIL_NAME = "<img src=x onerror=document.title='pwned'>bob"
+
+
+# ---------------------------------------------------------------- swarm members (child processes)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What one child process of the test swarm does."""
+
+    role: str  # "coordinator", "peer" or "rogue"
+    initial_peers: tuple[str, ...] = ()
+    name: str = ""
+    client_mode: bool = False
+    relay_via: str = ""  # announce a /p2p-circuit address through this node's multiaddr
+    modalities: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
+    samples_per_s: float = 0.0
+    impersonate: str = ""  # rogue: the peer id its forged heartbeat claims
+
+
+@dataclass(frozen=True)
+class Hello:
+    peer_id: str
+    maddrs: list[str]
+
+
+@dataclass(frozen=True)
+class Published:
+    kind: str
+    payload: dict
+
+
+class LenientValidator(SwarmRecordValidator):
+    """A rogue's validator: signs its own records like an honest node but accepts anything into its storage."""
+
+    def validate(self, record) -> bool:
+        return True
+
+
+def member_main(spec: MemberSpec, conn) -> None:
+    """Entry point of a child: join the DHT, report the peer id, publish records every PERIOD_S until told."""
+    import hivemind
+
+    identity = Identity.load_or_create(None)
+    node: Optional[SwarmNode] = None
+    if spec.role == "rogue":
+        validator = LenientValidator(RUN_ID, identity, trusted_coordinator=identity.peer_id)
+        dht = hivemind.DHT(initial_peers=list(spec.initial_peers), host_maddrs=[LOOPBACK],
+                           identity_path=identity.path, record_validators=[validator], start=True)
+    else:
+        node = SwarmNode(RUN_ID, identity, initial_peers=spec.initial_peers, host_maddrs=[LOOPBACK],
+                         client_mode=spec.client_mode, start_p2p=False)
+        dht = node.dht
+    directory = SwarmDirectory(dht, RUN_ID, identity.peer_id)
+    maddrs = [str(m) for m in dht.get_visible_maddrs(latest=True)]
+    if spec.relay_via:
+        maddrs = [f"{spec.relay_via}/p2p-circuit/p2p/{identity.peer_id}"]
+    conn.send(Hello(identity.peer_id, maddrs))
+    started, step = time.time(), 0
+    try:
+        while not conn.poll(PERIOD_S):
+            step += 1
+            for kind, record in _records(spec, identity.peer_id, maddrs, started, step):
+                if directory.publish(kind, record, ttl_s=60.0 if kind == RecordKind.MANIFEST else HEARTBEAT.heartbeat_ttl_s):
+                    conn.send(Published(kind.value, record.model_dump(mode="json")))
+    finally:
+        if node is not None:
+            node.shutdown()
+        else:
+            dht.shutdown()
+        identity.discard()
+
+
+def _records(spec: MemberSpec, peer_id: str, maddrs: list[str], started: float, step: int):
+    now = time.time()
+    if spec.role == "coordinator":
+        if step == 1 or step % 5 == 0:
+            yield RecordKind.MANIFEST, Manifest(
+                run_id=RUN_ID, created_at=started, coordinator=peer_id, modalities=("text", "image"),
+                experts_per_layer={"text": 2, "image": 2}, training=HEARTBEAT,
+            )
+        yield RecordKind.PEERS, Heartbeat(peer_id=peer_id, role="coordinator", public_name="coordinator",
+                                          version="test", maddrs=tuple(maddrs), started_at=started, time=now)
+    elif spec.role == "peer":
+        loss = 0.5 + 3.0 * math.exp(-0.05 * step)
+        rounds = step // 2
+        yield RecordKind.PEERS, Heartbeat(
+            peer_id=peer_id, public_name=spec.name, version="0.1.0-test", device="cpu",
+            modalities=spec.modalities, experts=spec.experts, maddrs=tuple(maddrs), client_mode=spec.client_mode,
+            loss=loss, val_loss=loss + 0.1, val_loss_initial=3.6, losses={"text": loss},
+            samples_per_s=spec.samples_per_s * (1.0 + 0.1 * math.sin(step)), steps=step, samples=16 * step,
+            averaging_rounds=rounds, averaging_bytes=4096 * rounds, started_at=started, time=now,
+        )
+        yield RecordKind.EXPERTS, ExpertsRecord(
+            peer_id=peer_id, experts={uid: ExpertLoad(load=10.0 + i, calls=step, version=step)
+                                      for i, uid in enumerate(spec.experts)}, time=now)
+        yield RecordKind.AVERAGING, AveragingRecord(peer_id=peer_id, groups=("replicated",), samples=16 * step,
+                                                    time=now)
+    elif spec.role == "rogue":
+        # a self-signed manifest (not the coordinator's), a heartbeat that claims another peer's id, and an
+        # expert record that fails its schema (negative load): each is stored in the rogue's own DHT storage
+        yield RecordKind.MANIFEST, Manifest(
+            run_id=RUN_ID, created_at=now, coordinator=peer_id, modalities=("text",),
+            experts_per_layer={"text": 3}, training=HEARTBEAT,
+        )
+        yield RecordKind.PEERS, Heartbeat.model_construct(
+            peer_id=spec.impersonate, public_name="mallory", samples_per_s=1e6, time=now, started_at=started)
+        yield RecordKind.EXPERTS, ExpertsRecord.model_construct(
+            peer_id=peer_id, experts={"text.1.1": ExpertLoad.model_construct(load=-1.0, calls=0, version=0)},
+            time=now)
+
+
+@dataclass
+class Member:
+    """The parent's handle on one child process; a thread keeps reading what the child reports."""
+
+    spec: MemberSpec
+    process: mp.Process
+    conn: object
+    peer_id: str = ""
+    maddrs: list[str] = field(default_factory=list)
+    published: list[Published] = field(default_factory=list)
+    hello: threading.Event = field(default_factory=threading.Event)
+
+    def read_reports(self) -> None:
+        """Runs in a thread: the child must never block on a full pipe, or its records would expire."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            if isinstance(message, Hello):
+                self.peer_id, self.maddrs = message.peer_id, message.maddrs
+                self.hello.set()
+            elif isinstance(message, Published):
+                self.published.append(message)
+
+    def heartbeat_at(self, t: float) -> Optional[dict]:
+        """The heartbeat this member published with ``time == t``."""
+        for message in list(self.published):
+            if message.kind == RecordKind.PEERS.value and message.payload["time"] == t:
+                return message.payload
+        return None
+
+    def tree(self) -> list[psutil.Process]:
+        """The member process and everything it started (its DHT process and that one's p2pd)."""
+        return _tree(self.process.pid)
+
+    def kill_tree(self, tree: Optional[list[psutil.Process]] = None) -> None:
+        """SIGKILL the member and everything it started, as if its machine died."""
+        tree = self.tree() if tree is None else tree
+        for proc in tree:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=10)
+        self.process.join(timeout=5)
+
+    def stop(self) -> None:
+        """Ask the member to shut its node down; kill whatever of its process tree is left after 20 s."""
+        tree = self.tree()
+        if self.process.is_alive():
+            try:
+                self.conn.send("stop")
+            except (OSError, BrokenPipeError):
+                pass
+            self.process.join(timeout=20)
+        self.kill_tree([p for p in tree if p.is_running()])
+
+
+def start_member(spec: MemberSpec) -> Member:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=member_main, args=(spec, child), name=f"member-{spec.role}")
+    process.start()
+    child.close()
+    member = Member(spec, process, parent)
+    threading.Thread(target=member.read_reports, daemon=True, name=f"reports-{spec.role}").start()
+    return member
+
+
+def await_hello(member: Member, timeout: float = 60.0) -> Member:
+    deadline = time.monotonic() + timeout
+    while not member.hello.wait(0.2):
+        if not member.process.is_alive():
+            raise AssertionError(f"{member.spec.role} {member.spec.name!r} exited with {member.process.exitcode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{member.spec.role} {member.spec.name!r} did not start within {timeout:.0f}s")
+    return member
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http(url: str, method: str = "GET") -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, method=method, data=b"x" if method in ("POST", "PUT") else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def get_json(url: str) -> dict:
+    status, _, body = http(url)
+    assert status == 200, (url, status, body[:200])
+    return json.loads(body)
+
+
+def peer_row(state: dict, peer_id: str) -> Optional[dict]:
+    return next((p for p in state["peers"] if p["peer_id"] == peer_id), None)
+
+
+# ---------------------------------------------------------------- the swarm fixture
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    members: list[Member] = []
+    reader: Optional[SwarmNode] = None
+    holder: dict = {}
+    try:
+        coordinator = await_hello(start_member(MemberSpec("coordinator")))
+        members.append(coordinator)
+        initial = (coordinator.maddrs[0],)
+        alice = start_member(MemberSpec("peer", initial, name="alice", modalities=("text",), experts=ALICE_EXPERTS,
+                                        samples_per_s=40.0))
+        members.append(alice)
+        bob = start_member(MemberSpec("peer", initial, name=EVIL_NAME, client_mode=True, relay_via=initial[0],
+                                      modalities=("text", "image"), experts=BOB_EXPERTS, samples_per_s=25.0))
+        members.append(bob)
+        await_hello(alice)
+        rogue = start_member(MemberSpec("rogue", initial, impersonate=alice.peer_id))
+        members.append(rogue)
+        for member in (bob, rogue):
+            await_hello(member)
+        identity = Identity.load_or_create(None)
+        reader = SwarmNode(RUN_ID, identity, initial_peers=initial, client_mode=True, start_p2p=False,
+                           host_maddrs=[LOOPBACK])
+        db_path = str(tmp_path_factory.mktemp("dashboard") / "history.sqlite")
+        server = DashboardServer(SwarmDirectory(reader.dht, RUN_ID, identity.peer_id), RUN_ID, port=0,
+                                 db_path=db_path, poll_s=1.0)
+        server.start()
+        holder.update(coordinator=coordinator, alice=alice, bob=bob, rogue=rogue, reader=reader, server=server,
+                      db_path=db_path, identity=identity)
+        yield holder
+    finally:
+        if "server" in holder:
+            holder["server"].stop()
+        if reader is not None:
+            reader.shutdown()
+            holder["identity"].discard()
+        for member in members:
+            member.stop()
+
+
+def wait_until_live(server: DashboardServer, swarm: dict, timeout: float = 40.0) -> dict:
+    """The first state in which the manifest and both peers are visible and online."""
+
+    def ready():
+        state = get_json(server.url + "api/v1/state")
+        rows = [peer_row(state, swarm[name].peer_id) for name in ("alice", "bob")]
+        ok = state["manifest"] is not None and all(r is not None and r["state"] == "online" for r in rows)
+        return state if ok else None
+
+    return wait_for(ready, timeout, what="manifest and both peers online in /api/v1/state")
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(120)
+def test_state_and_metrics_match_what_peers_published(swarm):
+    server, alice, bob, coordinator = swarm["server"], swarm["alice"], swarm["bob"], swarm["coordinator"]
+    assert server.url.startswith("http://127.0.0.1:")
+    state = wait_until_live(server, swarm)
+    assert state["schema"] == "swarmtrain.dashboard.state/1" and state["run_id"] == RUN_ID
+    assert state["manifest"]["coordinator"] == coordinator.peer_id
+    assert state["manifest"]["experts_per_layer"] == {"text": 2, "image": 2}
+
+    for member in (alice, bob):
+        row = peer_row(state, member.peer_id)
+        published = wait_for(lambda: member.heartbeat_at(row["heartbeat_time"]), 10, what="published heartbeat")
+        for key in ("public_name", "device", "version", "modalities", "experts", "maddrs", "client_mode", "loss",
+                    "val_loss", "samples_per_s", "steps", "samples", "averaging_rounds", "averaging_bytes"):
+            assert row[key] == published[key], (member.spec.name, key, row[key], published[key])
+        assert row["experts_served"] == sorted(member.spec.experts)
+        assert row["averaging_groups"] == 1
+        assert 0 <= row["heartbeat_age_s"] < 10
+    assert peer_row(state, bob.peer_id)["public_name"] == EVIL_NAME  # kept verbatim: the page escapes it
+    assert peer_row(state, alice.peer_id)["reachability"] == "direct"
+    assert peer_row(state, bob.peer_id)["reachability"] == "relay"
+    assert peer_row(state, coordinator.peer_id)["role"] == "coordinator"
+
+    online = [p for p in state["peers"] if p["state"] == "online"]
+    overview = state["overview"]
+    assert overview["peers_online"] == len(online) >= 3
+    assert overview["samples_per_s"] == pytest.approx(sum(p["samples_per_s"] for p in online))
+    val = [p["val_loss"] for p in online if p["val_loss"] is not None]
+    assert overview["val_loss"] == pytest.approx(sum(val) / len(val))
+    assert overview["samples_total"] >= sum(p["samples"] for p in online)
+    assert overview["peers_ready_to_average"] == 2
+
+    experts = {e["uid"]: e for modality in state["experts"].values() for e in modality}
+    assert set(experts) == {f"{m}.{layer}.{i}" for m in ("text", "image") for layer in range(2) for i in range(2)}
+    assert experts["text.0.0"]["replicas"] == 2 and sorted(experts["text.0.0"]["hosts"]) == sorted(
+        [alice.peer_id, bob.peer_id])
+    assert experts["text.0.0"]["load"] == pytest.approx(10.0 + 10.0)
+    assert experts["image.0.0"]["replicas"] == 1 and experts["text.1.0"]["replicas"] == 1
+    hosted = set(ALICE_EXPERTS) | set(BOB_EXPERTS)
+    assert {uid for uid, e in experts.items() if e["under_served"]} == set(experts) - hosted
+    assert overview["experts_under_served"] == len(set(experts) - hosted)
+
+    # /metrics against the state of the same poll (retry if a poll lands between the two reads)
+    def consistent():
+        before = get_json(server.url + "api/v1/state")
+        status, headers, body = http(server.url + "metrics")
+        after = get_json(server.url + "api/v1/state")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        return (before, body.decode()) if before["generated_at"] == after["generated_at"] else None
+
+    state, text = wait_for(consistent, 20, interval=0.05, what="a /metrics scrape between two polls")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+    def metric(name, **labels):
+        return samples[(name, tuple(sorted({"run_id": RUN_ID, **labels}.items())))]
+
+    overview = state["overview"]
+    assert metric("swarmtrain_peers", state="online") == overview["peers_online"]
+    assert metric("swarmtrain_samples_per_second") == pytest.approx(overview["samples_per_s"])
+    assert metric("swarmtrain_val_loss") == pytest.approx(overview["val_loss"])
+    assert metric("swarmtrain_averaging_rounds_total") == overview["averaging_rounds_total"]
+    assert metric("swarmtrain_averaging_bytes_total") == overview["averaging_bytes_total"]
+    for uid, expert in experts.items():
+        assert metric("swarmtrain_expert_replicas", modality=uid.split(".")[0], uid=uid) == expert["replicas"]
+    for member in (alice, bob):
+        row = peer_row(state, member.peer_id)
+        labels = {"peer_id": member.peer_id, "public_name": row["public_name"]}
+        assert metric("swarmtrain_peer_samples_per_second", **labels) == pytest.approx(row["samples_per_s"])
+        assert metric("swarmtrain_peer_loss", **labels) == pytest.approx(row["loss"])
+        assert metric("swarmtrain_peer_heartbeat_age_seconds", **labels) == pytest.approx(row["heartbeat_age_s"])
+        assert metric("swarmtrain_peer_averaging_rounds_total", **labels) == row["averaging_rounds"]
+
+
+@pytest.mark.timeout(60)
+def test_read_only_http_surface(swarm):
+    url = swarm["server"].url
+    for method in ("POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        status, headers, _ = http(url + "api/v1/state", method=method)
+        assert status == 405 and headers.get("Allow") == "GET", method
+    assert http(url + "static/../server.py")[0] == 404
+    assert http(url + "static/%2e%2e/server.py")[0] == 404
+    assert http(url + "nope")[0] == 404
+    assert http(url + "api/v1/history?window_s=abc")[0] == 400
+    status, headers, body = http(url)
+    assert status == 200 and b"swarmtrain" in body and "script-src 'self'" in headers["Content-Security-Policy"]
+
+
+@pytest.mark.timeout(60)
+def test_records_failing_validation_are_not_shown(swarm):
+    server, alice, rogue, coordinator = swarm["server"], swarm["alice"], swarm["rogue"], swarm["coordinator"]
+    # the forgeries really are in the DHT: a reader that validates nothing gets them from the rogue's storage
+    import hivemind
+
+    lenient = hivemind.DHT(initial_peers=[coordinator.maddrs[0]], host_maddrs=[LOOPBACK], client_mode=True,
+                           record_validators=[LenientValidator(RUN_ID, None)], start=True)
+    try:
+        def forged_visible():
+            manifests = lenient.get(dht_key(RUN_ID, RecordKind.MANIFEST), latest=True)
+            heartbeats = lenient.get(dht_key(RUN_ID, RecordKind.PEERS), latest=True)
+            return (manifests is not None and rogue.peer_id in manifests.value
+                    and heartbeats is not None and rogue.peer_id in heartbeats.value)
+
+        wait_for(forged_visible, 20, interval=0.5, what="the rogue's records in the DHT")
+    finally:
+        lenient.shutdown()
+
+    state = wait_until_live(server, swarm)
+    time.sleep(2 * server.collector.poll_s)  # a few more polls with the forgeries in the DHT
+    state = get_json(server.url + "api/v1/state")
+    assert state["manifest"]["coordinator"] == coordinator.peer_id  # not the rogue's (newer) manifest
+    assert peer_row(state, rogue.peer_id) is None
+    assert all(p["public_name"] != "mallory" for p in state["peers"])
+    assert peer_row(state, alice.peer_id)["public_name"] == "alice"
+    text11 = next(e for e in state["experts"]["text"] if e["uid"] == "text.1.1")
+    assert text11["replicas"] == 0 and text11["under_served"]
+
+
+@pytest.mark.timeout(60)
+def test_history_survives_a_dashboard_restart(swarm):
+    old = swarm["server"]
+    wait_for(lambda: len(get_json(old.url + "api/v1/history?window_s=600")["swarm"]["t"]) >= 3, 20,
+             what="three polls in the history")
+    old.stop()
+    restarted_at = time.time()
+    server = DashboardServer(SwarmDirectory(swarm["reader"].dht, RUN_ID, swarm["identity"].peer_id), RUN_ID,
+                             port=0, db_path=swarm["db_path"], poll_s=1.0)
+    server.start()
+    swarm["server"] = server
+    history = get_json(server.url + "api/v1/history?window_s=600&max_points=1000")
+    assert sum(t < restarted_at for t in history["swarm"]["t"]) >= 3
+    assert any(p["public_name"] == "alice" and p["t"] for p in history["peers"])
+    assert any(v is not None for v in history["swarm"]["samples_per_s"])
+
+
+async def _forget_all_neighbours(dht, node) -> int:
+    """Runs in the reader's DHT process: empty its routing table, as RPC timeouts on a busy machine can."""
+    table = node.protocol.routing_table
+    node_ids = list(table.uid_to_peer_id)
+    for node_id in node_ids:
+        del table[node_id]
+    return len(node_ids)
+
+
+@pytest.mark.timeout(60)
+def test_dashboard_reconnects_when_its_node_loses_every_neighbour(swarm):
+    server = swarm["server"]
+    wait_until_live(server, swarm)
+    assert swarm["reader"].dht.run_coroutine(_forget_all_neighbours) > 0
+    wait_for(lambda: get_json(server.url + "api/v1/state")["dashboard"]["reconnects"] >= 1, 15,
+             what="the collector to reconnect its DHT node")
+    state = wait_until_live(server, swarm, timeout=10)
+    assert state["dashboard"]["dht_neighbours"] > 0 and state["dashboard"]["last_error"] is None
+    assert all(p["gone_since"] is None for p in state["peers"] if p["peer_id"] != swarm["rogue"].peer_id)
+
+
+def test_history_store_is_bounded(tmp_path):
+    store = HistoryStore(str(tmp_path / "h.sqlite"), "r", retention_s=100.0, max_rows=50)
+    now = time.time()
+    for i in range(60):
+        store.append(now - 60 + i, {"loss": float(i)}, [PeerPoint("p1", "one", {"loss": float(i)})])
+    store.prune(now)
+    assert store.row_count() <= 50
+    store.append(now - 500, {"loss": 1.0}, [])  # older than the retention
+    store.prune(now)
+    with sqlite3.connect(str(tmp_path / "h.sqlite")) as db:
+        assert db.execute("SELECT MIN(t) FROM swarm").fetchone()[0] >= now - 100
+    result = store.query(window_s=100, max_points=10, now=now)
+    assert 0 < len(result["swarm"]["t"]) <= 10 and result["peers"][0]["public_name"] == "one"
+    store.close()
+
+
+def test_peer_book_keeps_counters_across_restarts_and_marks_gone():
+    pid = "Qm" + "a" * 44
+    book = PeerBook()
+    hb = lambda **kw: Heartbeat(peer_id=pid, **kw)  # noqa: E731
+    book.update({pid: (hb(samples=100, averaging_rounds=3, time=1.0), 10.0)}, now=1.0)
+    book.update({pid: (hb(samples=160, averaging_rounds=4, time=2.0), 11.0)}, now=2.0)
+    book.update({pid: (hb(samples=20, averaging_rounds=1, time=3.0), 12.0)}, now=3.0)  # the peer restarted
+    assert book.totals()["samples"] == 180 and book.observed["samples"] == 80
+    assert book.peers[pid].state(3.0, stale_after_s=4.0).value == "online"
+    assert book.peers[pid].state(8.0, stale_after_s=4.0).value == "stale"
+    book.update({}, now=9.0)
+    assert book.peers[pid].state(9.0, stale_after_s=4.0).value == "gone"
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def _chrome(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: run `make browser` "
+                    "(scripts/install-browser.sh)", pytrace=False)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1440,2000", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+def test_browser_shows_live_peers_charts_and_a_killed_peer_as_gone(swarm, tmp_path):
+    server, alice, bob = swarm["server"], swarm["alice"], swarm["bob"]
+    wait_until_live(server, swarm)
+    driver = _chrome(tmp_path)
+    service_pid = driver.service.process.pid
+    try:
+        driver.get(server.url)
+
+        def row_text(peer_id, css):
+            return driver.execute_script(
+                "const r = document.querySelector(`tr[data-peer-id='${arguments[0]}']`);"
+                "return r ? r.querySelector(arguments[1]).textContent : null;", peer_id, css)
+
+        wait_for(lambda: row_text(alice.peer_id, "td.name") == "alice", 20, what="alice's row in the page")
+        wait_for(lambda: row_text(bob.peer_id, "td.name") == EVIL_NAME, 10, what="bob's row, escaped")
+        assert driver.execute_script("return document.querySelectorAll('#peers-body img').length") == 0
+        assert driver.title == "swarmtrain dashboard"
+        for peer in (alice, bob):
+            assert row_text(peer.peer_id, ".badge.online") == "online"
+
+        def chart_points():
+            return driver.execute_script(
+                "const c = Chart.getChart('chart-throughput');"
+                "return c ? c.data.datasets[0].data.length : 0;")
+
+        wait_for(lambda: chart_points() >= 2, 20, what="data points in the throughput chart")
+        assert int(driver.find_element("id", "chart-peer-loss").get_attribute("data-points")) > 0
+        shot = tmp_path / "dashboard.png"
+        driver.save_screenshot(str(shot))
+        if os.environ.get("SWARMTRAIN_DASHBOARD_SCREENSHOT"):
+            shutil.copy(shot, os.environ["SWARMTRAIN_DASHBOARD_SCREENSHOT"])
+
+        killed_at = time.monotonic()
+        alice.kill_tree()
+        wait_for(lambda: driver.execute_script(
+            "const r = document.querySelector(`tr[data-peer-id='${arguments[0]}']`);"
+            "return r && r.dataset.state;", alice.peer_id) == "gone", 15, what="alice shown as gone")
+        assert time.monotonic() - killed_at <= 15
+        assert row_text(bob.peer_id, "td:nth-child(3)") == "online"
+
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+        assert not errors, errors
+    finally:
+        browser_processes = _tree(service_pid)
+        driver.quit()
+        for proc in browser_processes:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
