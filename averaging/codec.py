@@ -141,16 +141,22 @@ def check_codec(codec: str, blocksize: int = 4096) -> str:
 class ErrorFeedback:
     """Per-element residuals of lossy encoding, for one flat vector of ``numel`` elements.
 
-    Example (one segment)::
+    Residuals computed during an exchange are kept aside until :meth:`commit` (the partner used our message) or
+    :meth:`discard` (the exchange failed: what we meant to send was not delivered, so the old residuals stay).
+
+    Example (one round)::
 
         y = feedback.compensate(lo, x)          # x_t + e_t
         message, decoded = encode(y, "8bit")
         feedback.update(lo, y, decoded)         # e_{t+1} = (x_t + e_t) - Q(x_t + e_t)
+        ...
+        feedback.commit()
     """
 
     def __init__(self, numel: int):
-        self.residual: Optional[torch.Tensor] = None  # allocated on the first lossy update
         self.numel = numel
+        self.residual: Optional[torch.Tensor] = None  # e_t, allocated on the first lossy update
+        self._pending: Optional[torch.Tensor] = None  # e_{t+1}, being written during an exchange
 
     def compensate(self, lo: int, x: torch.Tensor) -> torch.Tensor:
         """``x + e[lo:lo+len(x)]`` (a new tensor; ``x`` itself is left unchanged)."""
@@ -160,13 +166,17 @@ class ErrorFeedback:
 
     def update(self, lo: int, meant: torch.Tensor, decoded: torch.Tensor) -> None:
         """Remember what encoding dropped from ``meant`` (the compensated vector) over ``[lo, lo+len)``."""
-        if decoded is meant:  # lossless segment: nothing dropped
-            if self.residual is not None:
-                self.residual[lo : lo + meant.numel()].zero_()
-            return
-        if self.residual is None:
-            self.residual = torch.zeros(self.numel, dtype=torch.float32)
-        torch.sub(meant, decoded, out=self.residual[lo : lo + meant.numel()])
+        if self._pending is None:
+            self._pending = torch.zeros(self.numel, dtype=torch.float32)
+        torch.sub(meant, decoded, out=self._pending[lo : lo + meant.numel()])
+
+    def commit(self) -> None:
+        """The message was used: the residuals written since the last commit become current."""
+        if self._pending is not None:
+            self.residual, self._pending = self._pending, self.residual
+
+    def discard(self) -> None:
+        """The message was not used: keep the current residuals (the pending buffer is rewritten next time)."""
 
     def norm(self) -> float:
         """L2 norm of the current residuals (0 before any lossy update)."""

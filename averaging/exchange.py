@@ -55,8 +55,9 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
     bad data and ConnectionError (or any p2p error) when the partner goes away. Parameters change only on "ok"."""
     outbox: asyncio.Queue = asyncio.Queue()
-    hello = protocol.hello(group, replica.numel, replica.layout, replica.spec.codec, replica.spec.blocksize,
-                           replica.weight, local_step())
+    spec = replica.spec
+    hello = protocol.hello(group, replica.numel, replica.layout, spec.codec, spec.blocksize, spec.chunk_elems,
+                           replica.weight)
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield meter.out(hello)
@@ -65,6 +66,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
 
     stream = await stream_factory(requests())
     sender: Optional[asyncio.Task] = None
+    applied = False
     try:
         kind, meta, _ = protocol.parse(await _next(stream, meter), ("accept", "refuse"))
         if kind == "refuse":
@@ -86,9 +88,10 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
             if codec != segment.codec:
                 raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
             received[segment.lo : segment.hi] = values
-        own_norm, sent_norm = await sender
+        own_norm, sent_norm, q8_err = await sender
         tau = max(0, local_step() - step0)
-        factor, why_not = replica.commit_factor(tau, float(received.norm()), own_norm, sent_norm)
+        distance = float(received.norm())
+        factor, why_not = replica.commit_factor(tau, distance, own_norm, sent_norm)
         if why_not is not None:
             outbox.put_nowait(protocol.request("abort", reason=why_not))
             outbox.put_nowait(None)
@@ -103,8 +106,12 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         alpha, new_weight = rules.mixing(replica.weight, weight_p, factor)
         await replica.call(replica.apply, received.mul_(alpha), snapshot)
         replica.weight = new_weight
+        applied = True
+        replica.after_exchange(True, distance, own_norm, q8_err)
         return "ok"
     finally:
+        if not applied:
+            replica.after_exchange(False, 0.0, 0.0, None)
         if sender is not None and not sender.done():
             sender.cancel()
         with contextlib.suppress(Exception):
@@ -118,35 +125,30 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
     ``still_ours()`` turns False when the averager gave up on this exchange (it ran past the timeout): then
     nothing is applied. Bad data ends the exchange with a ``refuse`` message and leaves parameters untouched.
     """
-    codec_blocksize = hello["blocksize"]
+    blocksize = hello["blocksize"]
+    segments = hello["segments"]
     timeout = replica.spec.timeout_s
     outcome.weight = hello["weight"]
     try:
         yield protocol.response("accept", weight=replica.weight)
-        numel = replica.numel
-        received = torch.empty(numel)
-        snapshot = torch.empty(numel) if replica.outer is not None else None
+        received = torch.empty(replica.numel)
+        snapshot = torch.empty(replica.numel) if replica.outer is not None else None
         own_sq = their_sq = 0.0
-        offset = 0
-        while offset < numel:
+        for segment in segments:
             message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
             kind, meta, tensor = protocol.parse(message, ("chunk", "abort"))
             if kind == "abort":
                 outcome.result, outcome.error = "aborted", str(meta.get("reason"))
                 return
-            if protocol.field(meta, "o", int) != offset or tensor is None or len(tensor.size) != 1:
-                raise ProtocolError(f"expected one chunk at offset {offset}")
-            n = int(tensor.size[0])
-            if not 0 < n <= min(numel - offset, MAX_CHUNK_ELEMS):
-                raise ProtocolError(f"chunk of {n} elements at offset {offset} does not fit {numel}")
-            reply, x, theirs, b = await replica.call(replica.answer_chunk, tensor, offset, n, codec_blocksize)
+            if protocol.field(meta, "o", int) != segment.lo or tensor is None:
+                raise ProtocolError(f"expected the chunk at offset {segment.lo}")
+            reply, x, theirs, b = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
             if snapshot is not None:
-                snapshot[offset : offset + n] = x
-            own_sq += float(x.square().sum())
-            their_sq += float(theirs.square().sum())
-            received[offset : offset + n] = b
-            yield protocol.response("chunk", reply, o=offset)
-            offset += n
+                snapshot[segment.lo : segment.hi] = x
+            own_sq += float(torch.dot(x, x))
+            their_sq += float(torch.dot(theirs, theirs))
+            received[segment.lo : segment.hi] = b
+            yield protocol.response("chunk", reply, o=segment.lo)
         message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
         kind, meta, _ = protocol.parse(message, ("commit", "abort"))
         if kind == "abort":
@@ -182,6 +184,8 @@ def check_hello(replica: LocalReplica, group: str, message) -> dict:
     check_layout(replica, meta)
     if meta.get("codec") not in CODECS or meta.get("blocksize") not in BLOCKSIZES:
         raise ProtocolError(f"unsupported codec {meta.get('codec')!r} / blocksize {meta.get('blocksize')!r}")
+    chunk_elems = protocol.field(meta, "chunk_elems", int, low=meta["blocksize"], high=MAX_CHUNK_ELEMS)
+    meta["segments"] = replica.plan(meta["codec"], chunk_elems, meta["blocksize"])
     meta["weight"] = protocol.field(meta, "weight", float, low=1e-9, high=1e9)
     return meta
 
@@ -242,16 +246,20 @@ async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Me
 
 
 async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor]):
-    """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||) for the outlier check."""
+    """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||, 8-bit error or None)."""
     own_sq = sent_sq = 0.0
+    q8_sq, any_q8 = 0.0, False
     for segment in replica.segments:
-        message, x, decoded = await replica.call(replica.encode_own, segment)
+        codec = replica.value_codec(segment)
+        message, x, decoded, err_sq = await replica.call(replica.encode_own, segment, codec)
         if snapshot is not None:
             snapshot[segment.lo : segment.hi] = x
-        own_sq += float(x.square().sum())
-        sent_sq += float(decoded.square().sum())
+        own_sq += float(torch.dot(x, x))
+        sent_sq += float(torch.dot(decoded, decoded))
+        if codec == "8bit":
+            q8_sq, any_q8 = q8_sq + err_sq, True
         outbox.put_nowait(protocol.request("chunk", message, o=segment.lo))
-    return own_sq**0.5, sent_sq**0.5
+    return own_sq**0.5, sent_sq**0.5, (q8_sq**0.5 if any_q8 else None)
 
 
 async def _next(stream, meter: Meter):

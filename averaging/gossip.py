@@ -42,7 +42,10 @@ class GossipAverager(ServicerBase):
 
     1. ``s`` streams its values ``A = Q(x_s + e_s)`` chunk by chunk (``Q``: ``spec.codec``, ``e_s``: its error
        feedback residual, zero for float32); ``p`` answers each chunk right away with ``B = Q(x_p - A)``, its
-       values minus what it received, read under its lock.
+       values minus what it received, read under its lock. With codec ``"8bit"``, ``B`` (a difference, small
+       once peers agree) is 8-bit blockwise; ``A`` is 8-bit while the last partner was far away and float16
+       once it was within a few 8-bit quantization errors, since quantized *values* would otherwise keep the
+       pair about 1% apart; tensors under 4096 elements always travel as float16.
     2. ``s`` picks the mixing factor ``f = s(tau) * clip`` (``tau``: local steps since its first chunk,
        ``s(tau) = 1/sqrt(1 + tau)``; dropped above ``spec.max_staleness``; ``clip``: optional CenteredClip) and
        sends ``commit f``; ``p`` applies ``x_p -= alpha_p * B`` and answers ``done``; then ``s`` applies
@@ -69,6 +72,9 @@ class GossipAverager(ServicerBase):
     :param group: which parameters these are: ``"replicated"`` or an expert uid (averaging among its replicas)
     :param ttl_s: lifetime of the rendezvous record
     :param rendezvous: share one with the other averagers of this node (one DHT record for all groups)
+    :param weight: initial push-sum weight (e.g. the peer's share of the data); the swarm converges to the
+        weight-averaged parameters
+    :param seed: seeds partner choice and clock jitter (tests, benchmarks)
 
     Example::
 
@@ -91,6 +97,7 @@ class GossipAverager(ServicerBase):
         ttl_s: float = 10.0,
         *,
         rendezvous: Optional[Rendezvous] = None,
+        weight: float = 1.0,
         seed: Optional[int] = None,
     ):
         if node.p2p is None:
@@ -98,7 +105,10 @@ class GossipAverager(ServicerBase):
         if not group or len(group) > 64 or not all(c.isalnum() or c in "._-" for c in group):
             raise ValueError(f"invalid averaging group {group!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
         self.node, self.spec, self.group, self.peer_id = node, spec, group, node.peer_id
+        if not 0 < weight < 1e9:
+            raise ValueError(f"push-sum weight must be in (0, 1e9), got {weight}")
         self.replica = LocalReplica(params, lock, spec, name=group)
+        self.replica.weight = float(weight)
         self.rendezvous = rendezvous if rendezvous is not None else Rendezvous(directory, ttl_s=ttl_s)
         self.namespace = f"swarmtrain.{node.run_id}.avg.{group}"
         self.penalties = Penalties(base_s=min(2 * spec.period_s, 60.0))

@@ -6,7 +6,7 @@ whose ``metadata`` is a msgpack map with a type tag ``t``; chunks carry one enco
 
     initiator                                   partner
     hello {group, numel, layout, codec, ...} ->
-                                             <- accept {weight, step} | refuse {reason}
+                                             <- accept {weight} | refuse {reason}
     chunk {o} + A[o:o+n]  (its values)     ->
                                              <- chunk {o} + B[o:o+n]  (partner values - decoded A)
     ... (pipelined, one reply per chunk)
@@ -43,10 +43,10 @@ def response(kind: str, tensor: Optional[runtime_pb2.Tensor] = None, **fields: A
     return runtime_pb2.ExpertResponse(tensors=[tensor] if tensor is not None else [], metadata=_pack(kind, fields))
 
 
-def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, weight: float, step: int):
-    """The first message of an exchange: who the initiator is averaging with and how."""
+def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, chunk_elems: int, weight: float):
+    """The first message of an exchange: what the initiator averages (group, layout) and how (codec, chunking)."""
     return request("hello", v=PROTOCOL_VERSION, group=group, numel=numel, layout=layout, codec=codec,
-                   blocksize=blocksize, weight=weight, step=step)
+                   blocksize=blocksize, chunk_elems=chunk_elems, weight=weight)
 
 
 def parse(message, expected: tuple[str, ...]) -> tuple[str, dict, Optional[runtime_pb2.Tensor]]:

@@ -34,12 +34,18 @@ class LocalReplica:
         if self.flat.numel == 0:
             raise ValueError("averaging needs at least one parameter element")
         self.lock, self.spec = lock, spec
-        self.segments = plan_segments([p.numel() for p in self.flat.params], spec.codec, spec.chunk_elems,
-                                      spec.blocksize)
+        self._plans: dict[tuple, list[Segment]] = {}
+        self.segments = self.plan(spec.codec, spec.chunk_elems, spec.blocksize)
         self.feedback = ErrorFeedback(self.flat.numel)
         self.weight = 1.0  # push-sum weight (rules.mixing)
+        # codec "8bit": send our values as float16 while the last partner was within a few 8-bit quantization
+        # errors of us (then 8-bit values would limit how close the pair can get); differences stay 8-bit
+        self.precise = False
+        self.q8_rel = 0.013  # last measured relative L2 error of our values under 8-bit blockwise encoding
         self.outer: Optional[rules.OuterNesterov] = None  # diloco mode only, see start_outer
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"avg-{name}")
+        if spec.codec == "8bit":
+            encode(torch.zeros(spec.blocksize), "8bit", spec.blocksize)  # load bitsandbytes now, not mid-exchange
 
     @property
     def numel(self) -> int:
@@ -70,26 +76,48 @@ class LocalReplica:
         if self.outer is not None:
             self.outer = rules.OuterNesterov(state, self.spec.outer_lr, self.spec.outer_momentum)
 
-    def encode_own(self, segment: Segment) -> tuple[runtime_pb2.Tensor, torch.Tensor, torch.Tensor]:
-        """Initiator: (message for ``segment``, our values x, what the partner decodes) with error feedback."""
+    def plan(self, codec: str, chunk_elems: int, blocksize: int) -> list[Segment]:
+        """The wire segments of our layout for a partner's settings (raises ValueError if unsupported)."""
+        key = (codec, chunk_elems, blocksize)
+        if key not in self._plans:
+            self._plans[key] = plan_segments([p.numel() for p in self.flat.params], codec, chunk_elems, blocksize)
+        return self._plans[key]
+
+    def value_codec(self, segment: Segment) -> str:
+        """How the initiator encodes its values for ``segment`` this time (see ``precise``)."""
+        return "fp16" if segment.codec == "8bit" and self.precise else segment.codec
+
+    def encode_own(self, segment: Segment, codec: str):
+        """Initiator: (message, our values x, what the partner decodes, encoding error) for ``segment``,
+        with error feedback for lossy codecs."""
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
-        if segment.codec == "none":
+        if codec == "none":
             message, decoded = encode(x, "none")
-            return message, x, decoded
+            return message, x, decoded, 0.0
         meant = self.feedback.compensate(segment.lo, x)
-        message, decoded = encode(meant, segment.codec, self.spec.blocksize)
+        message, decoded = encode(meant, codec, self.spec.blocksize)
         self.feedback.update(segment.lo, meant, decoded)
-        return message, x, decoded
+        return message, x, decoded, float(torch.dist(meant, decoded)) ** 2
 
-    def answer_chunk(self, tensor: runtime_pb2.Tensor, offset: int, n: int, blocksize: int):
-        """Partner: decode the initiator's values ``a`` for ``[offset, offset+n)`` and answer ``b = x - a``
-        encoded the same way; returns (reply message, our x, a, decoded b). Raises WireError on bad input."""
-        theirs, codec = decode(tensor, n, blocksize)
+    def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int):
+        """Partner: decode the initiator's values ``a`` for ``segment`` and answer ``b = x - a`` encoded with the
+        segment's codec; returns (reply message, our x, a, decoded b). Raises WireError on bad input."""
+        theirs, _ = decode(tensor, segment.hi - segment.lo, blocksize)
         with self.lock:
-            x = self.flat.read(offset, offset + n)
-        reply, b = encode(x - theirs, codec, blocksize)
+            x = self.flat.read(segment.lo, segment.hi)
+        reply, b = encode(x - theirs, segment.codec, blocksize)
         return reply, x, theirs, b
+
+    def after_exchange(self, ok: bool, distance: float, own_norm: float, q8_err: Optional[float]) -> None:
+        """Initiator bookkeeping: keep or drop the error-feedback residuals; choose the next value codec."""
+        if not ok:
+            self.feedback.discard()
+            return
+        self.feedback.commit()
+        if q8_err is not None and own_norm > 0:
+            self.q8_rel = q8_err / own_norm
+        self.precise = self.spec.codec == "8bit" and distance < 4 * self.q8_rel * own_norm
 
     def commit_factor(self, tau: int, distance: float, own_norm: float, sent_norm: float):
         """Initiator: (mixing factor, None) or (0, reason to abort) for a partner at L2 ``distance``."""
