@@ -95,6 +95,8 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         if why_not is not None:
             outbox.put_nowait(protocol.request("abort", reason=why_not))
             outbox.put_nowait(None)
+            with contextlib.suppress(Exception):  # let the partner read the abort before the stream closes
+                await asyncio.wait_for(_until_closed(stream), spec.timeout_s)
             if why_not == "stale":
                 return "stale"
             raise Rejected(why_not)
@@ -268,3 +270,8 @@ async def _next(stream, meter: Meter):
     except StopAsyncIteration:
         raise ConnectionError("the partner closed the stream") from None
     return meter.inp(message)
+
+
+async def _until_closed(stream) -> None:
+    async for _ in stream:
+        pass

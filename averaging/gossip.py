@@ -157,7 +157,7 @@ class GossipAverager(ServicerBase):
         if self._stopped:
             return
         self._stopped = True
-        if self._started:
+        if self._started and self.node.loop.loop.is_running():  # else the node is gone, and our handlers with it
             try:
                 self.node.loop.run(self._astop(), timeout=self.spec.timeout_s + 15)
             except Exception as e:  # the node may be shutting down too

@@ -258,3 +258,281 @@ def _kill(proc: psutil.Process) -> None:
         proc.send_signal(signal.SIGKILL)
     except psutil.NoSuchProcess:
         pass
+
+
+# ---- codec, error feedback and the exchange arithmetic (no network) ----
+
+
+def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
+    from swarmtrain.averaging.codec import WireError, decode, encode, plan_segments
+
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(1))
+    errors = {}
+    for codec in ("none", "fp16", "8bit"):
+        message, decoded = encode(x, codec, 4096)
+        back, name = decode(message, x.numel(), 4096)
+        assert name == codec and torch.equal(back, decoded)  # the sender knows exactly what the receiver sees
+        errors[codec] = _rel(back, x)
+    assert errors["none"] == 0 and errors["fp16"] < 1e-3 and errors["8bit"] <= 0.015, errors
+    assert len(encode(x, "8bit", 4096)[0].buffer) < 1.01 * x.numel()  # 1 byte per element + absmax per block
+    # small tensors (biases, norms) travel as float16 under the 8-bit codec; blocks never straddle tensors
+    plan = plan_segments([100, 50_000, 7, 9, 300_000], "8bit", chunk_elems=1 << 16, blocksize=4096)
+    assert [(s.lo, s.hi, s.codec) for s in plan] == [
+        (0, 100, "fp16"), (100, 50_100, "8bit"), (50_100, 50_116, "fp16"),
+        (50_116, 50_116 + 65_536, "8bit"), (50_116 + 65_536, 50_116 + 131_072, "8bit"),
+        (50_116 + 131_072, 50_116 + 196_608, "8bit"), (50_116 + 196_608, 50_116 + 262_144, "8bit"),
+        (50_116 + 262_144, 350_116, "8bit"),
+    ]
+    message, _ = encode(x[:1000], "fp16")
+    with pytest.raises(WireError, match="size"):
+        decode(message, 999)
+    message.buffer = message.buffer[:-2]
+    with pytest.raises(WireError, match="bytes"):
+        decode(message, 1000)
+    bad = x[:5000].clone()
+    bad[17] = float("inf")
+    for codec in ("none", "fp16", "8bit"):
+        with pytest.raises(WireError, match="NaN or Inf"):
+            decode(encode(bad, codec)[0], 5000)
+    with pytest.raises(ValueError, match="unknown averaging codec"):
+        encode(x[:10], "int4")
+
+
+def test_error_feedback_keeps_the_accumulated_error_bounded():
+    """Sending the same slowly drifting vector T times: without error feedback the 8-bit errors add up
+    (T times one step's error); with it the sum of what was sent stays within about one step's error."""
+    from swarmtrain.averaging.codec import ErrorFeedback, encode
+
+    gen = torch.Generator().manual_seed(2)
+    base, drift = torch.randn(200_000, generator=gen), 1e-3 * torch.randn(200_000, generator=gen)
+    feedback = ErrorFeedback(base.numel())
+    meant_total = torch.zeros_like(base)
+    plain_total = torch.zeros_like(base)
+    fed_total = torch.zeros_like(base)
+    for t in range(20):
+        x = base + t * drift
+        meant_total += x
+        plain_total += encode(x, "8bit")[1]
+        y = feedback.compensate(0, x)
+        _, decoded = encode(y, "8bit")
+        feedback.update(0, y, decoded)
+        feedback.commit()
+        fed_total += decoded
+    one_step = float((encode(base, "8bit")[1] - base).norm())
+    plain_err, fed_err = float((plain_total - meant_total).norm()), float((fed_total - meant_total).norm())
+    assert plain_err > 10 * one_step
+    assert fed_err < 1.5 * one_step and fed_err < plain_err / 10, (one_step, plain_err, fed_err)
+    assert fed_err == pytest.approx(feedback.norm(), rel=1e-3)  # what is still owed is exactly the residual
+
+
+def test_exchange_rules_by_hand():
+    from swarmtrain.averaging import rules
+
+    assert rules.staleness_scale(0) == 1.0 and rules.staleness_scale(3) == 0.5
+    with pytest.raises(ValueError):
+        rules.staleness_scale(-1)
+    # push-sum: weights 1 and 3, full mixing: both land on the weighted mean, weights on their mean
+    xs, xp, ws, wp = 10.0, 2.0, 1.0, 3.0
+    alpha_s, ws2 = rules.mixing(ws, wp, 1.0)
+    alpha_p, wp2 = rules.mixing(wp, ws, 1.0)
+    assert (ws2, wp2) == (2.0, 2.0)
+    assert xs + alpha_s * (xp - xs) == pytest.approx(4.0) and xp + alpha_p * (xs - xp) == pytest.approx(4.0)
+    # any partial factor keeps sum(w) and sum(w * x)
+    for factor in (0.0, 0.3, 1.0):
+        a_s, n_s = rules.mixing(ws, wp, factor)
+        a_p, n_p = rules.mixing(wp, ws, factor)
+        new_s, new_p = xs + a_s * (xp - xs), xp + a_p * (xs - xp)
+        assert n_s + n_p == pytest.approx(ws + wp)
+        assert n_s * new_s + n_p * new_p == pytest.approx(ws * xs + wp * xp)
+    assert rules.clip_factor(10.0, None) == 1.0 and rules.clip_factor(10.0, 2.0) == 0.2
+    assert rules.is_outlier(50.0, 10.0, 10.0, 4.0) and not rules.is_outlier(30.0, 10.0, 10.0, 4.0)
+    # DiLoCo outer step: g = outer - target, m = g, outer -= lr * (g + mu * m)
+    outer = rules.OuterNesterov(torch.tensor([1.0, -2.0]), lr=0.7, momentum=0.9)
+    new = outer.step(torch.tensor([0.0, 0.0]))
+    assert torch.allclose(new, torch.tensor([1.0 - 0.7 * 1.9, -2.0 + 0.7 * 3.8]))
+    new = outer.step(torch.tensor([0.0, 0.0]))  # momentum carries over: m = 0.9 * g1 + g2
+    g2 = torch.tensor([1.0 - 0.7 * 1.9, -2.0 + 0.7 * 3.8])
+    m2 = 0.9 * torch.tensor([1.0, -2.0]) + g2
+    assert torch.allclose(new, g2 - 0.7 * (g2 + 0.9 * m2))
+
+
+# ---- the full design on real nodes ----
+
+
+@pytest.mark.timeout(60)
+def test_staleness_scales_the_delta_by_one_over_sqrt_one_plus_tau(nodes):
+    """The initiator's trainer reports steps (without touching the parameters) during the exchange: the pair
+    moves by f/2 of its distance with f = 1/sqrt(1 + tau) for an integer tau <= the steps taken, on both sides."""
+    numel = 400_000
+    a0, b0 = torch.randn(numel), torch.randn(numel)
+    a, b = [a0.clone()], [b0.clone()]
+    spec = AveragingSpec(period_s=QUIET, timeout_s=10, chunk_elems=1 << 14)
+    avg_a, avg_b = _averager(nodes[0], a, spec, "stale"), _averager(nodes[1], b, spec, "stale")
+    stop, steps = threading.Event(), [0]
+
+    def report_steps():
+        while not stop.is_set():
+            steps[0] += 1
+            avg_a.on_local_step(steps[0], steps[0])
+            time.sleep(0.002)
+
+    ticker = threading.Thread(target=report_steps)
+    try:
+        avg_b.start()
+        ticker.start()
+        assert avg_a.average_once(nodes[1].peer_id) == "ok"
+    finally:
+        stop.set()
+        ticker.join()
+        avg_a.shutdown()
+        avg_b.shutdown()
+    f = float((b0 - b[0]).norm() / (0.5 * (b0 - a0).norm()))
+    tau = 1.0 / f**2 - 1.0
+    assert 1 <= round(tau) <= steps[0] and abs(tau - round(tau)) < 0.05, (f, tau, steps[0])
+    assert torch.allclose(a[0], a0 + f / 2 * (b0 - a0), atol=1e-5)
+    assert torch.allclose(b[0], b0 - f / 2 * (b0 - a0), atol=1e-5)
+    assert avg_a.weight == avg_b.weight == 1.0
+
+    # above max_staleness the exchange is dropped on both sides and nothing moves
+    spec = AveragingSpec(period_s=QUIET, timeout_s=10, chunk_elems=1 << 14, max_staleness=0)
+    a1, b1 = a[0].clone(), b[0].clone()
+    avg_a, avg_b = _averager(nodes[0], a, spec, "stale2"), _averager(nodes[1], b, spec, "stale2")
+    stop.clear()
+    ticker = threading.Thread(target=report_steps)
+    try:
+        avg_b.start()
+        ticker.start()
+        assert avg_a.average_once(nodes[1].peer_id) == "stale"
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        ticker.join()
+        avg_a.shutdown()
+        avg_b.shutdown()
+    assert torch.equal(a[0], a1) and torch.equal(b[0], b1)
+    assert avg_a.stats().stale_dropped == 1 and avg_b.stats().stale_dropped == 1
+
+
+@pytest.mark.timeout(90)
+def test_push_sum_converges_to_the_weighted_mean_also_after_a_peer_dies(nodes):
+    """Weights 1, 2, 3; peer 3 has its own node and dies mid-exchange; the survivors converge to
+    sum(w x) / sum(w) of what they hold after its death (the invariant every exchange keeps)."""
+    spec = AveragingSpec(period_s=QUIET, timeout_s=3, chunk_elems=1 << 14)
+    values = [torch.randn(600_000) + 3 * i for i in range(3)]
+    params = [[v.clone()] for v in values]
+    extra = SwarmNode(RUN, Identity.load_or_create(None), initial_peers=nodes[0].visible_maddrs(), host_maddrs=LOCAL)
+    hosts = [nodes[0], nodes[1], extra]
+    averagers = [_averager(h, p, spec, "pushsum", weight=w) for h, p, w in zip(hosts, params, (1.0, 2.0, 3.0))]
+    try:
+        for avg in averagers:
+            avg.start()
+        assert averagers[0].average_once(nodes[1].peer_id) == "ok"  # weights 1, 2 -> 1.5, 1.5
+        assert averagers[0].weight == averagers[1].weight == 1.5
+        done = []
+        received = averagers[1].stats().bytes_received
+        exchange = threading.Thread(target=lambda: done.append(averagers[1].average_once(extra.peer_id)))
+        exchange.start()
+        while averagers[1].stats().bytes_received - received < 1_000_000 and not done:
+            time.sleep(0.0005)
+        extra.shutdown()  # its p2pd and DHT go away mid-exchange
+        exchange.join(30)
+        assert done and done[0] in ("failed", "ok"), done
+        w = [averagers[0].weight, averagers[1].weight]
+        target = (w[0] * params[0][0] + w[1] * params[1][0]) / (w[0] + w[1])
+        for _ in range(6):
+            averagers[0].average_once(nodes[1].peer_id)
+        for p in params[:2]:
+            assert torch.allclose(p[0], target, atol=1e-4)
+        if done[0] == "failed":  # it died before its half was applied: the survivors never saw any of it
+            assert float((target - (values[0] + 2 * values[1]) / 3).abs().max()) < 1e-4
+    finally:
+        for avg in averagers:
+            avg.shutdown()
+        if extra.dht.is_alive():
+            extra.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_diloco_mode_applies_an_outer_nesterov_step_to_the_pair_average(nodes):
+    spec = AveragingSpec(period_s=QUIET, timeout_s=10, mode="diloco", outer_lr=0.7, outer_momentum=0.9)
+    a0, b0 = torch.randn(20_000), torch.randn(20_000)
+    a, b = [a0.clone()], [b0.clone()]
+    avg_a, avg_b = _averager(nodes[0], a, spec, "diloco"), _averager(nodes[1], b, spec, "diloco")
+    try:
+        avg_a.start()
+        avg_b.start()
+        assert avg_a.average_once(nodes[1].peer_id) == "ok"
+    finally:
+        avg_a.shutdown()
+        avg_b.shutdown()
+    target = (a0 + b0) / 2  # pair average; outer = the parameters at start(); first step: m = g
+    for x0, x in ((a0, a[0]), (b0, b[0])):
+        g = x0 - target
+        assert torch.allclose(x, x0 - 0.7 * (g + 0.9 * g), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_outliers_are_rejected_and_clipping_bounds_the_move(nodes):
+    spec = AveragingSpec(period_s=QUIET, timeout_s=5, max_rel_distance=4.0)
+    near, far = [torch.randn(10_000)], [50 * torch.randn(10_000)]
+    near0, far0 = near[0].clone(), far[0].clone()
+    avg_near, avg_far = _averager(nodes[0], near, spec, "outlier"), _averager(nodes[1], far, spec, "outlier")
+    try:
+        avg_near.start()
+        avg_far.start()
+        assert avg_near.average_once(nodes[1].peer_id) == "rejected"
+        assert avg_near.penalties.banned(nodes[1].peer_id)
+    finally:
+        avg_near.shutdown()
+        avg_far.shutdown()
+    assert torch.equal(near[0], near0) and torch.equal(far[0], far0)
+
+    clip = AveragingSpec(period_s=QUIET, timeout_s=5, clip_rel=0.1)
+    a0, b0 = torch.randn(10_000), torch.randn(10_000)
+    a, b = [a0.clone()], [b0.clone()]
+    avg_a, avg_b = _averager(nodes[0], a, clip, "clip"), _averager(nodes[1], b, clip, "clip")
+    try:
+        avg_a.start()
+        avg_b.start()
+        assert avg_a.average_once(nodes[1].peer_id) == "ok"
+    finally:
+        avg_a.shutdown()
+        avg_b.shutdown()
+    radius = 0.1 * float(a0.norm())  # each side moves by half the clipped distance, toward the other
+    assert float((a[0] - a0).norm()) == pytest.approx(radius / 2, rel=1e-4)
+    assert torch.allclose(a[0] - a0, -(b[0] - b0), atol=1e-6)
+    assert torch.allclose((a[0] - a0) / (a[0] - a0).norm(), (b0 - a0) / (b0 - a0).norm(), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_expert_replicas_average_in_their_own_group_beside_the_replicated_one(nodes):
+    from swarmtrain.averaging.rendezvous import Rendezvous
+
+    spec = AveragingSpec(period_s=0.1, timeout_s=5, codec="8bit")
+    uid = "text.0.3"
+    shared = [torch.randn(50_000) for _ in range(3)]
+    expert = [torch.randn(30_000) + 5 for _ in range(2)]  # only nodes 0 and 1 host a replica of the expert
+    shared_mean, expert_mean = torch.stack(shared).mean(0), torch.stack(expert).mean(0)
+    averagers = []
+    for i, node in enumerate(nodes):
+        rendezvous = Rendezvous(SwarmDirectory(node.dht, RUN, node.peer_id), ttl_s=10)
+        averagers.append(_averager(node, [shared[i]], spec, "replicated-x", rendezvous=rendezvous, seed=i))
+        if i < 2:
+            averagers.append(_averager(node, [expert[i]], spec, uid, rendezvous=rendezvous, seed=10 + i))
+    try:
+        for avg in averagers:
+            avg.start()
+        records = SwarmDirectory(nodes[2].dht, RUN, nodes[2].peer_id).averaging()
+        assert set(records[nodes[0].peer_id].groups) == {"replicated-x", uid}  # one record per node
+        assert set(records[nodes[2].peer_id].groups) == {"replicated-x"}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if max(_rel(x, shared_mean) for x in shared) < 0.01 and max(_rel(x, expert_mean) for x in expert) < 0.01:
+                break
+            time.sleep(0.05)
+    finally:
+        for avg in averagers:
+            avg.shutdown()
+    assert max(_rel(x, shared_mean) for x in shared) < 0.01
+    assert max(_rel(x, expert_mean) for x in expert) < 0.01
+    assert all(avg.stats().failures == 0 and avg.stats().rejected == 0 for avg in averagers)
