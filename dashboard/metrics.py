@@ -34,11 +34,14 @@ class StateMetrics(Collector):
         })
         yield info
 
-        peers = GaugeMetricFamily(f"{PREFIX}_peers", "Known peers by state", labels=labels + ["state"])
-        for name in ("online", "stale"):
-            peers.add_metric([state["run_id"], name], overview[f"peers_{name}"])
-        peers.add_metric([state["run_id"], "gone"], sum(p["state"] == "gone" for p in state["peers"]))
+        peers = GaugeMetricFamily(f"{PREFIX}_peers", "Known volunteer peers (role peer) by state",
+                                  labels=labels + ["state"])
+        for name in ("online", "stale", "gone"):
+            count = sum(p["state"] == name and p["role"] == "peer" for p in state["peers"])
+            peers.add_metric([state["run_id"], name], count)
         yield peers
+        yield _gauge("nodes_online", "Online nodes of any role (peers, coordinator, observers)", run,
+                     overview["nodes_online"])
 
         yield _gauge("samples_per_second", "Samples per second summed over online peers", run,
                      overview["samples_per_s"])

@@ -131,20 +131,25 @@ def manifest_view(manifest: Optional[Manifest], live: bool, now: float) -> Optio
 def overview_view(peers: list[dict], experts: dict[str, list[dict]], book: PeerBook,
                   averaging: dict[str, AveragingRecord], rates: dict[str, Optional[float]],
                   recent_gone_s: float, now: float) -> dict:
-    """Swarm-wide numbers. Rates and losses use online peers only; totals include peers seen earlier."""
+    """Swarm-wide numbers. Rates and losses use online nodes only; totals include peers seen earlier.
+
+    Peer counts are of volunteers (role ``peer``); ``nodes_online`` also counts the coordinator and observers.
+    """
     online = [p for p in peers if p["state"] == PeerState.ONLINE.value]
     val_losses = [p["val_loss"] for p in online if p["val_loss"] is not None]
     losses = [p["loss"] for p in online if p["loss"] is not None]
+    volunteers = [p for p in peers if p["role"] == "peer"]
     trainers = [p for p in online if p["role"] == "peer"]
     totals = book.totals()
     all_experts = [e for modality in experts.values() for e in modality]
     return {
-        "peers_online": len(online),
-        "peers_stale": sum(p["state"] == PeerState.STALE.value for p in peers),
+        "peers_online": len(trainers),
+        "peers_stale": sum(p["state"] == PeerState.STALE.value for p in volunteers),
         "peers_gone_recently": sum(
-            p["state"] == PeerState.GONE.value and now - (p["gone_since"] or now) <= recent_gone_s for p in peers
+            p["state"] == PeerState.GONE.value and now - (p["gone_since"] or now) <= recent_gone_s for p in volunteers
         ),
-        "peers_known": len(peers),
+        "peers_known": len(volunteers),
+        "nodes_online": len(online),
         "samples_per_s": sum(p["samples_per_s"] for p in online),
         "loss": _mean(losses),
         "val_loss": _mean(val_losses),

@@ -117,7 +117,9 @@ function renderOverview(state) {
 
 function renderPeers(state) {
   const rows = state.peers.map((p) => {
-    const first = p.maddrs.length ? p.maddrs[0] : "";
+    // the peer id column already names the peer: drop a trailing /p2p/<its own id> from the shown address
+    const own = "/p2p/" + p.peer_id;
+    const first = p.maddrs.length ? (p.maddrs[0].endsWith(own) ? p.maddrs[0].slice(0, -own.length) : p.maddrs[0]) : "";
     const more = p.maddrs.length > 1 ? ` +${p.maddrs.length - 1}` : "";
     const experts = p.experts_served.length ? p.experts_served : p.experts;
     const row = el("tr", { cls: "state-" + p.state, data: { peerId: p.peer_id, state: p.state } }, [
@@ -126,11 +128,11 @@ function renderPeers(state) {
       el("td", {}, [el("span", { cls: "badge " + p.state, text: p.state })]),
       el("td", {}, [el("span", { cls: "badge reach-" + p.reachability, text: p.reachability,
         title: p.client_mode ? "client mode: not reachable directly" : "" })]),
-      el("td", { cls: "mono addr", text: clip(first, 48) + more, title: p.maddrs.map((a) => clip(a, 256)).join("\n") }),
+      el("td", { cls: "mono addr", text: clip(first, 40) + more, title: p.maddrs.map((a) => clip(a, 256)).join("\n") }),
       el("td", { text: p.device }),
       el("td", { text: p.version }),
       el("td", { text: p.modalities.join(", ") }),
-      el("td", { text: experts.length ? `${experts.length}: ${experts.slice(0, 4).join(" ")}${experts.length > 4 ? " …" : ""}` : "–",
+      el("td", { text: experts.length ? `${experts.length}: ${experts.slice(0, 3).join(" ")}${experts.length > 3 ? " …" : ""}` : "–",
         title: experts.join(" "), max: 80 }),
       el("td", { cls: "num", text: num(p.samples_per_s, 1) }),
       el("td", { cls: "num", text: num(p.loss, 4) }),
@@ -214,7 +216,10 @@ function series(label, color, data, axis = "y") {
 function setData(id, datasets, history) {
   const chart = charts[id];
   chart.data.datasets = datasets;
-  chart.options.scales.x.min = history.now - history.window_s;
+  // show the whole window once there is that much history; until then, fit the data
+  let first = history.now;
+  for (const d of datasets) if (d.data.length) first = Math.min(first, d.data[0].x);
+  chart.options.scales.x.min = Math.max(history.now - history.window_s, first);
   chart.options.scales.x.max = history.now;
   chart.update("none");
   const n = datasets.reduce((sum, d) => sum + d.data.length, 0);
@@ -227,8 +232,9 @@ function renderHistory(h) {
     series("val loss", "#f4a261", points(s.t, s.val_loss)),
     series("train loss", "#4ea8de", points(s.t, s.loss)),
   ], h);
-  setData("chart-peer-loss", h.peers.slice(0, MAX_PEER_SERIES).map((p) =>
-    series(peerLabel(p), colorOf(p.peer_id), points(p.t, p.loss))), h);
+  setData("chart-peer-loss", h.peers
+    .map((p) => series(peerLabel(p), colorOf(p.peer_id), points(p.t, p.loss)))
+    .filter((d) => d.data.length).slice(0, MAX_PEER_SERIES), h);
   setData("chart-throughput", [
     series("samples/s", "#80ed99", points(s.t, s.samples_per_s)),
     series("peers online", "#c77dff", points(s.t, s.peers_online), "y2"),
@@ -265,7 +271,8 @@ async function pollState() {
     renderExperts(state);
     const d = state.dashboard;
     showError(d.last_error ? "reading the DHT failed: " + d.last_error : "");
-    setStatus(!d.last_error, `live · updated ${clock(state.generated_at)} · ${d.polls} polls`);
+    setStatus(!d.last_error, `live · updated ${clock(state.generated_at)} · ${d.polls} polls · ` +
+      `${d.dht_neighbours === null ? "?" : d.dht_neighbours} DHT neighbours`);
     document.body.dataset.polls = String(d.polls);
   } catch (e) {
     setStatus(false, "dashboard unreachable");
