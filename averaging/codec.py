@@ -39,6 +39,10 @@ class WireError(ValueError):
     """A received chunk is malformed, has the wrong size, or holds NaN/Inf."""
 
 
+class LocalDataError(ValueError):
+    """Our own values cannot be sent (NaN/Inf, or out of float16 range): nothing is sent, nobody is to blame."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """Flat elements ``[lo, hi)`` sent as one message with ``codec``."""
@@ -82,8 +86,14 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
     return segments
 
 
-def encode(x: torch.Tensor, codec: str, blocksize: int = 4096) -> tuple[runtime_pb2.Tensor, torch.Tensor]:
-    """Encode the float32 vector ``x``: (message, what the receiver will decode from it)."""
+def encode(
+    x: torch.Tensor, codec: str, blocksize: int = 4096, with_decoded: bool = True
+) -> tuple[runtime_pb2.Tensor, Optional[torch.Tensor]]:
+    """Encode the float32 vector ``x``: (message, what the receiver will decode from it, if ``with_decoded``).
+
+    Lossy codecs refuse non-finite input with :class:`LocalDataError` (8-bit quantization would silently turn
+    a NaN into a finite number, and float16 turns values beyond 65504 into Inf).
+    """
     x = x.reshape(-1)
     if x.dtype != torch.float32:
         raise TypeError(f"encode expects float32, got {x.dtype}")
@@ -92,12 +102,19 @@ def encode(x: torch.Tensor, codec: str, blocksize: int = 4096) -> tuple[runtime_
         buffer, decoded = x.numpy().tobytes(), x
     elif codec == "fp16":
         half = x.to(torch.float16)
-        buffer, decoded = half.numpy().tobytes(), half.to(torch.float32)
+        if not _finite(half):
+            raise LocalDataError(f"cannot send {x.numel()} values as float16: NaN, Inf or beyond +-65504")
+        buffer = half.numpy().tobytes()
+        decoded = half.to(torch.float32) if with_decoded else None
     else:
+        if not _finite(x):
+            raise LocalDataError(f"cannot send {x.numel()} values as 8-bit: they hold NaN or Inf")
         qmap = _dynamic_map()
         codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, qmap, blocksize)
-        buffer = absmax.numpy().tobytes() + codes.numpy().tobytes()
-        decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
+        buffer = b"".join((absmax.numpy().data, codes.numpy().data))
+        decoded = None
+        if with_decoded:
+            decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
     message = runtime_pb2.Tensor(buffer=buffer, size=[x.numel()], dtype=dtype, compression=compression)
     return message, decoded
 
@@ -115,18 +132,24 @@ def decode(message: runtime_pb2.Tensor, numel: int, blocksize: int = 4096) -> tu
         if len(buffer) != 4 * nblocks + numel:
             raise WireError(f"8-bit chunk of {numel} elements has {len(buffer)} bytes, expected {4 * nblocks + numel}")
         absmax = torch.from_numpy(np.frombuffer(buffer, dtype=np.float32, count=nblocks).copy())
+        if not _finite(absmax):  # codes map into [-1, 1]: the values are finite iff every block scale is
+            raise WireError(f"chunk of {numel} elements holds NaN or Inf")
         codes = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, offset=4 * nblocks).copy())
-        qmap = _dynamic_map()
-        x = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
-    else:
-        width = 4 if name == "none" else 2
-        if len(buffer) != width * numel:
-            raise WireError(f"{name} chunk of {numel} elements has {len(buffer)} bytes, expected {width * numel}")
-        dtype = np.float32 if name == "none" else np.float16
-        x = torch.from_numpy(np.frombuffer(buffer, dtype=dtype).copy()).to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+        x = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, _dynamic_map(), blocksize, torch.float32)
+        return x, name
+    width = 4 if name == "none" else 2
+    if len(buffer) != width * numel:
+        raise WireError(f"{name} chunk of {numel} elements has {len(buffer)} bytes, expected {width * numel}")
+    raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.float32 if name == "none" else np.float16).copy())
+    if not _finite(raw):
         raise WireError(f"chunk of {numel} elements holds NaN or Inf")
-    return x, name
+    return raw.to(torch.float32), name
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every element is finite: one fast reduction (a NaN or Inf anywhere makes the sum non-finite;
+    so would finite values summing beyond float32 range, far outside any parameter's)."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
 
 
 def check_codec(codec: str, blocksize: int = 4096) -> str:

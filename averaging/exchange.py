@@ -15,7 +15,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import protocol, rules
-from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, WireError, decode, encode
+from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, LocalDataError, WireError, decode, encode
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.replica import LocalReplica
 
@@ -43,19 +43,25 @@ class Meter:
 
 @dataclass
 class Outcome:
-    """How a served exchange ended: "ok", "rejected" (bad data), "failed" (broke off), "stale" or "aborted"."""
+    """How a served exchange ended: "ok", "rejected" (bad data), "failed" (broke off), "local" (our own values
+    are not finite), "stale" or "aborted"."""
 
     result: str = "failed"
     error: str = "the initiator went away mid-exchange"
     weight: float = 1.0  # the initiator's push-sum weight
+    committing: bool = False  # the commit arrived: the exchange must not be cancelled any more
 
 
 async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str,
                    local_step: Callable[[], int]) -> str:
     """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
-    bad data and ConnectionError (or any p2p error) when the partner goes away. Parameters change only on "ok"."""
+    bad data, LocalDataError if our own values are not finite, TimeoutError when the partner stalls past
+    ``spec.timeout_s`` and ConnectionError (or another p2p error) when it goes away. Parameters change only on
+    "ok". There is no await between the partner's "done" and our own half, so no timeout or shutdown can
+    separate the two halves of an exchange (only a "done" lost on the wire can)."""
     outbox: asyncio.Queue = asyncio.Queue()
     spec = replica.spec
+    deadline = asyncio.get_running_loop().time() + spec.timeout_s
     hello = protocol.hello(group, replica.numel, replica.layout, spec.codec, spec.blocksize, spec.chunk_elems,
                            replica.weight)
 
@@ -64,11 +70,11 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         while (message := await outbox.get()) is not None:
             yield meter.out(message)
 
-    stream = await stream_factory(requests())
+    stream = await asyncio.wait_for(stream_factory(requests()), spec.timeout_s)
     sender: Optional[asyncio.Task] = None
     applied = False
     try:
-        kind, meta, _ = protocol.parse(await _next(stream, meter), ("accept", "refuse"))
+        kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("accept", "refuse"))
         if kind == "refuse":
             if meta.get("reason") in ("busy", "banned"):
                 return "busy"
@@ -77,18 +83,13 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         step0 = local_step()
         snapshot = torch.empty(replica.numel) if replica.outer is not None else None
         sender = asyncio.create_task(_send_values(replica, outbox, snapshot))
-        received = torch.empty(replica.numel)  # B = x_p - A, as both sides decode it
-        for segment in replica.segments:
-            kind, meta, tensor = protocol.parse(await _next(stream, meter), ("chunk", "refuse"))
-            if kind == "refuse":
-                raise Rejected(f"partner refused mid-exchange: {meta.get('reason')}")
-            if protocol.field(meta, "o", int) != segment.lo or tensor is None:
-                raise ProtocolError(f"expected the chunk at offset {segment.lo}")
-            values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize)
-            if codec != segment.codec:
-                raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
-            received[segment.lo : segment.hi] = values
-        own_norm, sent_norm, q8_err = await sender
+        try:
+            received = await _receive_answers(replica, stream, meter, deadline)
+            own_norm, sent_norm, q8_err = await sender
+        except Exception:
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                raise sender.exception() from None  # e.g. our own values are not finite: the partner got an abort
+            raise
         tau = max(0, local_step() - step0)
         distance = float(received.norm())
         factor, why_not = replica.commit_factor(tau, distance, own_norm, sent_norm)
@@ -102,14 +103,12 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
             raise Rejected(why_not)
         outbox.put_nowait(protocol.request("commit", factor=factor))
         outbox.put_nowait(None)
-        kind, meta, _ = protocol.parse(await _next(stream, meter), ("done", "refuse"))
+        kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("done", "refuse"))
         if kind == "refuse":
             raise Rejected(f"partner refused to commit: {meta.get('reason')}")
-        alpha, new_weight = rules.mixing(replica.weight, weight_p, factor)
-        await replica.call(replica.apply, received.mul_(alpha), snapshot)
-        replica.weight = new_weight
         applied = True
         replica.after_exchange(True, distance, own_norm, q8_err)
+        await asyncio.shield(replica.call(replica.apply_mixing, received, weight_p, factor, 1.0, snapshot))
         return "ok"
     finally:
         if not applied:
@@ -164,11 +163,13 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
         if not still_ours():
             outcome.result, outcome.error = "failed", "timed out before the commit"
             return
-        alpha, new_weight = rules.mixing(replica.weight, hello["weight"], factor)
-        await replica.call(replica.apply, received.mul_(-alpha), snapshot)
-        replica.weight = new_weight
+        outcome.committing = True  # from here on nothing may stop us between applying and saying "done"
+        await asyncio.shield(replica.call(replica.apply_mixing, received, hello["weight"], factor, -1.0, snapshot))
         outcome.result = "ok"
         yield protocol.response("done")
+    except LocalDataError as e:
+        outcome.result, outcome.error = "local", str(e)
+        yield protocol.response("refuse", reason="the partner's own parameters are not finite")
     except (ProtocolError, WireError, Rejected) as e:
         outcome.result, outcome.error = "rejected", str(e)
         yield protocol.response("refuse", reason=str(e)[:200])
@@ -247,13 +248,34 @@ async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Me
             await stream.aclose()
 
 
+async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline: float) -> torch.Tensor:
+    """The partner's answers ``B = x_p - A``, decoded, in segment order."""
+    received = torch.empty(replica.numel)
+    for segment in replica.segments:
+        kind, meta, tensor = protocol.parse(await _next(stream, meter, deadline), ("chunk", "refuse"))
+        if kind == "refuse":
+            raise Rejected(f"partner refused mid-exchange: {meta.get('reason')}")
+        if protocol.field(meta, "o", int) != segment.lo or tensor is None:
+            raise ProtocolError(f"expected the chunk at offset {segment.lo}")
+        values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize)
+        if codec != segment.codec:
+            raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
+        received[segment.lo : segment.hi] = values
+    return received
+
+
 async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor]):
     """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||, 8-bit error or None)."""
     own_sq = sent_sq = 0.0
     q8_sq, any_q8 = 0.0, False
     for segment in replica.segments:
         codec = replica.value_codec(segment)
-        message, x, decoded, err_sq = await replica.call(replica.encode_own, segment, codec)
+        try:
+            message, x, decoded, err_sq = await replica.call(replica.encode_own, segment, codec)
+        except LocalDataError as e:
+            outbox.put_nowait(protocol.request("abort", reason="the initiator's parameters are not finite"))
+            outbox.put_nowait(None)
+            raise e
         if snapshot is not None:
             snapshot[segment.lo : segment.hi] = x
         own_sq += float(torch.dot(x, x))
@@ -264,9 +286,16 @@ async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: O
     return own_sq**0.5, sent_sq**0.5, (q8_sq**0.5 if any_q8 else None)
 
 
-async def _next(stream, meter: Meter):
+async def _next(stream, meter: Meter, deadline: Optional[float] = None):
+    """The next message of ``stream`` (before the loop time ``deadline``, if given)."""
     try:
-        message = await anext(stream)
+        if deadline is None:
+            message = await anext(stream)
+        else:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                raise asyncio.TimeoutError()
+            message = await asyncio.wait_for(anext(stream), timeout)
     except StopAsyncIteration:
         raise ConnectionError("the partner closed the stream") from None
     return meter.inp(message)

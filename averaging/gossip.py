@@ -21,7 +21,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import exchange, protocol
 from swarmtrain.averaging.base import AveragingStats
-from swarmtrain.averaging.codec import WireError
+from swarmtrain.averaging.codec import LocalDataError, WireError
 from swarmtrain.averaging.exchange import Meter, Outcome, Rejected
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.rendezvous import Penalties, Rendezvous, choose_partners
@@ -121,6 +121,7 @@ class GossipAverager(ServicerBase):
         self._last_partner: Optional[str] = None
         self._last_round_s: Optional[float] = None
         self._task: Optional[asyncio.Task] = None
+        self._wake: Optional[asyncio.Event] = None  # set on shutdown: ends the clock's sleep
         self._started = self._stopped = False
 
     # ---- the interface the trainer uses (swarmtrain.averaging.base.ParameterAverager) ----
@@ -167,7 +168,8 @@ class GossipAverager(ServicerBase):
     def average_once(self, peer: Optional[str] = None) -> str:
         """Run one exchange now, as the initiator, with ``peer`` or with a partner chosen as the clock would.
 
-        Returns "ok", "busy", "failed", "rejected", "stale" or "alone" (no partner). For tests, benchmarks and
+        Returns "ok", "busy", "failed", "rejected", "stale", "local" (our own values are not finite) or "alone"
+        (no partner). For tests, benchmarks and
         for flushing before a checkpoint; the background clock does the same every ``spec.period_s``.
         """
         return self.node.loop.run(self._round(peer), timeout=3 * self.spec.timeout_s + 30)
@@ -205,10 +207,10 @@ class GossipAverager(ServicerBase):
             return
         token = self._session = object()
         # a dead initiator can leave the stream blocked in a write that never times out: give up on our side
-        watchdog = asyncio.get_running_loop().call_later(
-            self.spec.timeout_s, self._expire, token, asyncio.current_task(), remote
-        )
         outcome = Outcome()
+        watchdog = asyncio.get_running_loop().call_later(
+            self.spec.timeout_s, self._expire, token, asyncio.current_task(), remote, outcome
+        )
         try:
             async for message in exchange.serve(self.replica, hello, requests, self.meter, outcome,
                                                 lambda: self._session is token):
@@ -232,12 +234,15 @@ class GossipAverager(ServicerBase):
         await self.add_p2p_handlers(self.node.p2p, namespace=self.namespace)
         self.rendezvous.join(self.group, lambda: self._samples)
         await self.rendezvous.announce(force=True)
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
     async def _astop(self) -> None:
-        if self._task is not None:  # _run also checks _stopped: asyncio.wait_for may swallow a cancellation
+        if self._task is not None:  # let an exchange in flight finish (_run checks _stopped), then cancel
+            self._wake.set()
+            await asyncio.wait({self._task}, timeout=self.spec.timeout_s + 1)
             self._task.cancel()
-            await asyncio.wait({self._task}, timeout=self.spec.timeout_s + 5)
+            await asyncio.wait({self._task}, timeout=5)
         self.rendezvous.leave(self.group)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.rendezvous.announce(force=True), 5)
@@ -245,7 +250,7 @@ class GossipAverager(ServicerBase):
             await self.remove_p2p_handlers(self.node.p2p, namespace=self.namespace)
 
     async def _run(self) -> None:
-        await asyncio.sleep(self._rng.uniform(0, self.spec.period_s))
+        await self._sleep(self._rng.uniform(0, self.spec.period_s))
         while not self._stopped:
             try:
                 await self.rendezvous.announce()
@@ -255,7 +260,12 @@ class GossipAverager(ServicerBase):
             except Exception as e:  # a bug or a DHT hiccup: say so, keep averaging
                 self._counts["failures"] += 1
                 logger.warning(f"averager {self.group}: round failed: {type(e).__name__}: {e}", exc_info=True)
-            await asyncio.sleep(self.spec.period_s * self._rng.uniform(0.75, 1.25))
+            await self._sleep(self.spec.period_s * self._rng.uniform(0.75, 1.25))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if shutdown() is called meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _round(self, peer: Optional[str] = None) -> str:
         """Try up to three partners (or just ``peer``), moving on only while they are busy."""
@@ -281,13 +291,14 @@ class GossipAverager(ServicerBase):
         started = time.perf_counter()
         stub = self.get_stub(self.node.p2p, PeerID.from_base58(peer), namespace=self.namespace)
         why = ""
-        try:
-            outcome = await asyncio.wait_for(
-                exchange.initiate(self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step),
-                self.spec.timeout_s,
+        try:  # initiate() enforces spec.timeout_s per step itself: an outer timeout could split an exchange
+            outcome = await exchange.initiate(
+                self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step
             )
         except asyncio.TimeoutError:
             outcome, why = "failed", f"no answer within {self.spec.timeout_s}s"
+        except LocalDataError as e:
+            outcome, why = "local", str(e)
         except (Rejected, ProtocolError, WireError) as e:
             outcome, why = "rejected", str(e)
         except Exception as e:
@@ -314,6 +325,9 @@ class GossipAverager(ServicerBase):
             self._counts["busy"] += 1
         elif outcome == "stale":
             self._counts["stale_dropped"] += 1
+        elif outcome == "local":
+            self._counts["failures"] += 1
+            logger.warning(f"averager {self.group}: not averaging with {peer}, our own parameters are bad: {why}")
         elif outcome in ("failed", "rejected"):
             self._counts["failures" if outcome == "failed" else "rejected"] += 1
             skip_s = self.penalties.strike(peer, bad_data=outcome == "rejected")
@@ -321,9 +335,9 @@ class GossipAverager(ServicerBase):
             log = logger.warning if outcome == "rejected" else logger.info
             log(f"averager {self.group}: exchange {role} {peer} {outcome}: {why} (skipping it for {skip_s:.0f}s)")
 
-    def _expire(self, token: object, task: asyncio.Task, remote: str) -> None:
+    def _expire(self, token: object, task: asyncio.Task, remote: str, outcome: Outcome) -> None:
         """Watchdog: a served exchange ran past ``spec.timeout_s``; stop waiting for it (nothing is applied)."""
-        if self._session is token:
+        if self._session is token and not outcome.committing:
             self._session = None
             self._record(remote, "failed", f"no progress within {self.spec.timeout_s}s", served=True)
             task.cancel()

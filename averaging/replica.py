@@ -142,5 +142,14 @@ class LocalReplica:
             with self.lock:
                 self.flat.add_(lo, delta[lo : lo + step])
 
+    def apply_mixing(self, received: torch.Tensor, other_weight: float, factor: float, sign: float,
+                     snapshot: Optional[torch.Tensor]) -> None:
+        """One side's half of a push-sum exchange: move toward the partner by ``alpha * received`` (``sign``
+        +1 for the initiator, whose ``received`` is ``x_p - x_s``; -1 for the partner) and update the weight,
+        in one call so that nothing can separate the two."""
+        alpha, new_weight = rules.mixing(self.weight, other_weight, factor)
+        self.apply(received.mul_(sign * alpha), snapshot)
+        self.weight = new_weight
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

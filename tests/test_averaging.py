@@ -143,7 +143,7 @@ def test_bad_partners_are_rejected_and_leave_us_untouched(nodes):
         mine = [torch.randn(5000), torch.randn(10)]
         other = [torch.randn(their_layout or 5000), torch.randn(10)]
         if theirs == "nan":
-            other[1][3] = float("nan")
+            other[0][7] = other[1][3] = float("nan")
         made.extend([_averager(nodes[0], mine, spec, group), _averager(nodes[1], other, spec, group)])
         for avg in made[-2:]:
             avg.start()
@@ -165,6 +165,13 @@ def test_bad_partners_are_rejected_and_leave_us_untouched(nodes):
         assert theirs.average_once(nodes[0].peer_id) == "rejected"
         assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 2
         assert ours.stats().rounds == 0 and ours.stats().bytes_received < 4096
+        # 8-bit: a peer whose own values are NaN sends nothing and blames nobody; its partner refuses its answer
+        spec = AveragingSpec(period_s=QUIET, timeout_s=5, codec="8bit")
+        ours, theirs, mine, before = pair("bad-d", "good", "nan")
+        assert theirs.average_once(nodes[0].peer_id) == "local"
+        assert ours.average_once(nodes[1].peer_id) == "rejected"
+        assert all(torch.equal(t, o) for t, o in zip(mine, before))
+        assert theirs.stats().failures == 2 and not theirs.penalties.banned(nodes[0].peer_id)
     finally:
         for avg in made:
             avg.shutdown()
@@ -264,7 +271,7 @@ def _kill(proc: psutil.Process) -> None:
 
 
 def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
-    from swarmtrain.averaging.codec import WireError, decode, encode, plan_segments
+    from swarmtrain.averaging.codec import LocalDataError, WireError, decode, encode, plan_segments
 
     x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(1))
     errors = {}
@@ -290,10 +297,18 @@ def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
     with pytest.raises(WireError, match="bytes"):
         decode(message, 1000)
     bad = x[:5000].clone()
-    bad[17] = float("inf")
-    for codec in ("none", "fp16", "8bit"):
-        with pytest.raises(WireError, match="NaN or Inf"):
-            decode(encode(bad, codec)[0], 5000)
+    bad[17] = float("nan")
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(encode(bad, "none")[0], 5000)
+    for codec in ("fp16", "8bit"):  # 8-bit would turn the NaN into a finite number: the sender must refuse
+        with pytest.raises(LocalDataError, match="NaN"):
+            encode(bad, codec)
+    with pytest.raises(LocalDataError, match="65504"):
+        encode(torch.full((10,), 1e5), "fp16")
+    message, _ = encode(x[:5000], "8bit")  # a forged block scale
+    message.buffer = torch.tensor([float("inf")]).numpy().tobytes() + message.buffer[4:]
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(message, 5000)
     with pytest.raises(ValueError, match="unknown averaging codec"):
         encode(x[:10], "int4")
 
@@ -530,9 +545,10 @@ def test_expert_replicas_average_in_their_own_group_beside_the_replicated_one(no
             if max(_rel(x, shared_mean) for x in shared) < 0.01 and max(_rel(x, expert_mean) for x in expert) < 0.01:
                 break
             time.sleep(0.05)
+        stats = [avg.stats() for avg in averagers]  # before shutdown, which breaks off exchanges in flight
     finally:
         for avg in averagers:
             avg.shutdown()
     assert max(_rel(x, shared_mean) for x in shared) < 0.01
     assert max(_rel(x, expert_mean) for x in expert) < 0.01
-    assert all(avg.stats().failures == 0 and avg.stats().rejected == 0 for avg in averagers)
+    assert all(s.failures == 0 and s.rejected == 0 for s in stats), stats
