@@ -136,6 +136,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(HTTPStatus.NOT_FOUND, "not found")
         except _BadRequest as e:
             self._send_error(HTTPStatus.BAD_REQUEST, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-answer
+        except Exception as e:  # a bug or a stopped dashboard: say so instead of dropping the connection
+            logger.exception(f"dashboard request {path!r} failed")
+            self.close_connection = True
+            self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {str(e)[:200]}")
 
     def __getattr__(self, name: str):
         # BaseHTTPRequestHandler dispatches method M to do_M and answers 501 when it is missing: answer 405 instead

@@ -8,23 +8,31 @@ the dashboard shows with what was really published.
 from __future__ import annotations
 
 import json
-import math
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import sqlite3
-import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from typing import Optional
 
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dashboard_swarm import (
+    ALICE_EXPERTS,
+    BOB_EXPERTS,
+    EVIL_NAME,
+    LOOPBACK,
+    RUN_ID,
+    LenientValidator,
+    Member,
+    MemberSpec,
+    process_tree,
+    await_hello,
+    start_member,
+)
 from swarmtrain.dashboard import DashboardServer
 from swarmtrain.dashboard.history import HistoryStore, PeerPoint
 from swarmtrain.dashboard.tracking import PeerBook
@@ -32,214 +40,9 @@ from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind, dht_key
 from swarmtrain.dht.node import SwarmNode
-from swarmtrain.dht.records import (
-    AveragingRecord,
-    ExpertLoad,
-    ExpertsRecord,
-    Heartbeat,
-    Manifest,
-    TrainingSpec,
-)
-from swarmtrain.dht.validator import SwarmRecordValidator
+from swarmtrain.dht.records import Heartbeat
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-RUN_ID = "dash-test"
-PERIOD_S = 1.0  # how often the children publish
-HEARTBEAT = TrainingSpec(heartbeat_period_s=1.5, heartbeat_ttl_s=5.0)  # stale after 3 s, gone after <= 5 s
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-ALICE_EXPERTS = ("text.0.0", "text.0.1", "text.1.0")
-BOB_EXPERTS = ("text.0.0", "image.0.0")
-EVIL_NAME = "<img src=x onerror=document.title='pwned'>bob"
-
-
-# ---------------------------------------------------------------- swarm members (child processes)
-
-
-@dataclass(frozen=True)
-class MemberSpec:
-    """What one child process of the test swarm does."""
-
-    role: str  # "coordinator", "peer" or "rogue"
-    initial_peers: tuple[str, ...] = ()
-    name: str = ""
-    client_mode: bool = False
-    relay_via: str = ""  # announce a /p2p-circuit address through this node's multiaddr
-    modalities: tuple[str, ...] = ()
-    experts: tuple[str, ...] = ()
-    samples_per_s: float = 0.0
-    impersonate: str = ""  # rogue: the peer id its forged heartbeat claims
-
-
-@dataclass(frozen=True)
-class Hello:
-    peer_id: str
-    maddrs: list[str]
-
-
-@dataclass(frozen=True)
-class Published:
-    kind: str
-    payload: dict
-
-
-class LenientValidator(SwarmRecordValidator):
-    """A rogue's validator: signs its own records like an honest node but accepts anything into its storage."""
-
-    def validate(self, record) -> bool:
-        return True
-
-
-def member_main(spec: MemberSpec, conn) -> None:
-    """Entry point of a child: join the DHT, report the peer id, publish records every PERIOD_S until told."""
-    import hivemind
-
-    identity = Identity.load_or_create(None)
-    node: Optional[SwarmNode] = None
-    if spec.role == "rogue":
-        validator = LenientValidator(RUN_ID, identity, trusted_coordinator=identity.peer_id)
-        dht = hivemind.DHT(initial_peers=list(spec.initial_peers), host_maddrs=[LOOPBACK],
-                           identity_path=identity.path, record_validators=[validator], start=True)
-    else:
-        node = SwarmNode(RUN_ID, identity, initial_peers=spec.initial_peers, host_maddrs=[LOOPBACK],
-                         client_mode=spec.client_mode, start_p2p=False)
-        dht = node.dht
-    directory = SwarmDirectory(dht, RUN_ID, identity.peer_id)
-    maddrs = [str(m) for m in dht.get_visible_maddrs(latest=True)]
-    if spec.relay_via:
-        maddrs = [f"{spec.relay_via}/p2p-circuit/p2p/{identity.peer_id}"]
-    conn.send(Hello(identity.peer_id, maddrs))
-    started, step = time.time(), 0
-    try:
-        while not conn.poll(PERIOD_S):
-            step += 1
-            for kind, record in _records(spec, identity.peer_id, maddrs, started, step):
-                if directory.publish(kind, record, ttl_s=60.0 if kind == RecordKind.MANIFEST else HEARTBEAT.heartbeat_ttl_s):
-                    conn.send(Published(kind.value, record.model_dump(mode="json")))
-    finally:
-        if node is not None:
-            node.shutdown()
-        else:
-            dht.shutdown()
-        identity.discard()
-
-
-def _records(spec: MemberSpec, peer_id: str, maddrs: list[str], started: float, step: int):
-    now = time.time()
-    if spec.role == "coordinator":
-        if step == 1 or step % 5 == 0:
-            yield RecordKind.MANIFEST, Manifest(
-                run_id=RUN_ID, created_at=started, coordinator=peer_id, modalities=("text", "image"),
-                experts_per_layer={"text": 2, "image": 2}, training=HEARTBEAT,
-            )
-        yield RecordKind.PEERS, Heartbeat(peer_id=peer_id, role="coordinator", public_name="coordinator",
-                                          version="test", maddrs=tuple(maddrs), started_at=started, time=now)
-    elif spec.role == "peer":
-        loss = 0.5 + 3.0 * math.exp(-0.05 * step)
-        rounds = step // 2
-        yield RecordKind.PEERS, Heartbeat(
-            peer_id=peer_id, public_name=spec.name, version="0.1.0-test", device="cpu",
-            modalities=spec.modalities, experts=spec.experts, maddrs=tuple(maddrs), client_mode=spec.client_mode,
-            loss=loss, val_loss=loss + 0.1, val_loss_initial=3.6, losses={"text": loss},
-            samples_per_s=spec.samples_per_s * (1.0 + 0.1 * math.sin(step)), steps=step, samples=16 * step,
-            averaging_rounds=rounds, averaging_bytes=4096 * rounds, started_at=started, time=now,
-        )
-        yield RecordKind.EXPERTS, ExpertsRecord(
-            peer_id=peer_id, experts={uid: ExpertLoad(load=10.0 + i, calls=step, version=step)
-                                      for i, uid in enumerate(spec.experts)}, time=now)
-        yield RecordKind.AVERAGING, AveragingRecord(peer_id=peer_id, groups=("replicated",), samples=16 * step,
-                                                    time=now)
-    elif spec.role == "rogue":
-        # a self-signed manifest (not the coordinator's), a heartbeat that claims another peer's id, and an
-        # expert record that fails its schema (negative load): each is stored in the rogue's own DHT storage
-        yield RecordKind.MANIFEST, Manifest(
-            run_id=RUN_ID, created_at=now, coordinator=peer_id, modalities=("text",),
-            experts_per_layer={"text": 3}, training=HEARTBEAT,
-        )
-        yield RecordKind.PEERS, Heartbeat.model_construct(
-            peer_id=spec.impersonate, public_name="mallory", samples_per_s=1e6, time=now, started_at=started)
-        yield RecordKind.EXPERTS, ExpertsRecord.model_construct(
-            peer_id=peer_id, experts={"text.1.1": ExpertLoad.model_construct(load=-1.0, calls=0, version=0)},
-            time=now)
-
-
-@dataclass
-class Member:
-    """The parent's handle on one child process; a thread keeps reading what the child reports."""
-
-    spec: MemberSpec
-    process: mp.Process
-    conn: object
-    peer_id: str = ""
-    maddrs: list[str] = field(default_factory=list)
-    published: list[Published] = field(default_factory=list)
-    hello: threading.Event = field(default_factory=threading.Event)
-
-    def read_reports(self) -> None:
-        """Runs in a thread: the child must never block on a full pipe, or its records would expire."""
-        while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                return
-            if isinstance(message, Hello):
-                self.peer_id, self.maddrs = message.peer_id, message.maddrs
-                self.hello.set()
-            elif isinstance(message, Published):
-                self.published.append(message)
-
-    def heartbeat_at(self, t: float) -> Optional[dict]:
-        """The heartbeat this member published with ``time == t``."""
-        for message in list(self.published):
-            if message.kind == RecordKind.PEERS.value and message.payload["time"] == t:
-                return message.payload
-        return None
-
-    def tree(self) -> list[psutil.Process]:
-        """The member process and everything it started (its DHT process and that one's p2pd)."""
-        return _tree(self.process.pid)
-
-    def kill_tree(self, tree: Optional[list[psutil.Process]] = None) -> None:
-        """SIGKILL the member and everything it started, as if its machine died."""
-        tree = self.tree() if tree is None else tree
-        for proc in tree:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=10)
-        self.process.join(timeout=5)
-
-    def stop(self) -> None:
-        """Ask the member to shut its node down; kill whatever of its process tree is left after 20 s."""
-        tree = self.tree()
-        if self.process.is_alive():
-            try:
-                self.conn.send("stop")
-            except (OSError, BrokenPipeError):
-                pass
-            self.process.join(timeout=20)
-        self.kill_tree([p for p in tree if p.is_running()])
-
-
-def start_member(spec: MemberSpec) -> Member:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=member_main, args=(spec, child), name=f"member-{spec.role}")
-    process.start()
-    child.close()
-    member = Member(spec, process, parent)
-    threading.Thread(target=member.read_reports, daemon=True, name=f"reports-{spec.role}").start()
-    return member
-
-
-def await_hello(member: Member, timeout: float = 60.0) -> Member:
-    deadline = time.monotonic() + timeout
-    while not member.hello.wait(0.2):
-        if not member.process.is_alive():
-            raise AssertionError(f"{member.spec.role} {member.spec.name!r} exited with {member.process.exitcode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{member.spec.role} {member.spec.name!r} did not start within {timeout:.0f}s")
-    return member
 
 
 # ---------------------------------------------------------------- helpers
@@ -280,27 +83,27 @@ def peer_row(state: dict, peer_id: str) -> Optional[dict]:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("swarm")
+    ids = {name: Identity.load_or_create(str(keys / f"{name}.key")) for name in ("coord", "alice", "bob", "rogue")}
     members: list[Member] = []
     reader: Optional[SwarmNode] = None
     holder: dict = {}
     try:
-        coordinator = await_hello(start_member(MemberSpec("coordinator")))
+        coordinator = await_hello(start_member(MemberSpec("coordinator", ids["coord"].path)))
         members.append(coordinator)
         initial = (coordinator.maddrs[0],)
-        alice = start_member(MemberSpec("peer", initial, name="alice", modalities=("text",), experts=ALICE_EXPERTS,
-                                        samples_per_s=40.0))
-        members.append(alice)
-        bob = start_member(MemberSpec("peer", initial, name=EVIL_NAME, client_mode=True, relay_via=initial[0],
-                                      modalities=("text", "image"), experts=BOB_EXPERTS, samples_per_s=25.0))
-        members.append(bob)
-        await_hello(alice)
-        rogue = start_member(MemberSpec("rogue", initial, impersonate=alice.peer_id))
-        members.append(rogue)
-        for member in (bob, rogue):
-            await_hello(member)
-        identity = Identity.load_or_create(None)
+        alice = start_member(MemberSpec("peer", ids["alice"].path, initial, name="alice", modalities=("text",),
+                                        experts=ALICE_EXPERTS, samples_per_s=40.0))
+        bob = start_member(MemberSpec("peer", ids["bob"].path, initial, name=EVIL_NAME, client_mode=True,
+                                      relay_via=initial[0], modalities=("text", "image"), experts=BOB_EXPERTS,
+                                      samples_per_s=25.0))
+        rogue = start_member(MemberSpec("rogue", ids["rogue"].path, initial, impersonate=ids["alice"].peer_id))
+        members += [alice, bob, rogue]
+        identity = Identity.load_or_create(str(keys / "reader.key"))
         reader = SwarmNode(RUN_ID, identity, initial_peers=initial, client_mode=True, start_p2p=False,
                            host_maddrs=[LOOPBACK])
+        for member in (alice, bob, rogue):
+            await_hello(member)
         db_path = str(tmp_path_factory.mktemp("dashboard") / "history.sqlite")
         server = DashboardServer(SwarmDirectory(reader.dht, RUN_ID, identity.peer_id), RUN_ID, port=0,
                                  db_path=db_path, poll_s=1.0)
@@ -311,11 +114,12 @@ def swarm(tmp_path_factory):
     finally:
         if "server" in holder:
             holder["server"].stop()
+        trees = [(member, member.request_stop()) for member in members]  # all shut down at once
         if reader is not None:
             reader.shutdown()
-            holder["identity"].discard()
-        for member in members:
-            member.stop()
+        deadline = time.monotonic() + 20
+        for member, tree in trees:
+            member.reap(tree, deadline)
 
 
 def wait_until_live(server: DashboardServer, swarm: dict, timeout: float = 40.0) -> dict:
@@ -493,6 +297,7 @@ def test_dashboard_reconnects_when_its_node_loses_every_neighbour(swarm):
     assert all(p["gone_since"] is None for p in state["peers"] if p["peer_id"] != swarm["rogue"].peer_id)
 
 
+@pytest.mark.timeout(30)
 def test_history_store_is_bounded(tmp_path):
     store = HistoryStore(str(tmp_path / "h.sqlite"), "r", retention_s=100.0, max_rows=50)
     now = time.time()
@@ -509,6 +314,7 @@ def test_history_store_is_bounded(tmp_path):
     store.close()
 
 
+@pytest.mark.timeout(30)
 def test_peer_book_keeps_counters_across_restarts_and_marks_gone():
     pid = "Qm" + "a" * 44
     book = PeerBook()
@@ -580,7 +386,7 @@ def test_browser_shows_live_peers_charts_and_a_killed_peer_as_gone(swarm, tmp_pa
             shutil.copy(shot, os.environ["SWARMTRAIN_DASHBOARD_SCREENSHOT"])
 
         killed_at = time.monotonic()
-        alice.kill_tree()
+        alice.killprocess_tree()
         wait_for(lambda: driver.execute_script(
             "const r = document.querySelector(`tr[data-peer-id='${arguments[0]}']`);"
             "return r && r.dataset.state;", alice.peer_id) == "gone", 15, what="alice shown as gone")
@@ -590,7 +396,7 @@ def test_browser_shows_live_peers_charts_and_a_killed_peer_as_gone(swarm, tmp_pa
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert not errors, errors
     finally:
-        browser_processes = _tree(service_pid)
+        browser_processes = process_tree(service_pid)
         driver.quit()
         for proc in browser_processes:
             try:
@@ -599,9 +405,56 @@ def test_browser_shows_live_peers_charts_and_a_killed_peer_as_gone(swarm, tmp_pa
                 pass
 
 
-def _tree(pid: int) -> list[psutil.Process]:
+# ---------------------------------------------------------------- the real roles
+
+
+@pytest.mark.timeout(120)
+def test_coordinator_serves_the_dashboard_of_a_real_training_peer(tmp_path):
+    """``swarmtrain coordinator --dashboard-port`` + one real ``swarmtrain peer``: the page's API sees it train."""
+    from conftest import spawn, stop_group, swarmtrain_cmd
+
+    port = _free_port()
+    maddrs_file = tmp_path / "maddrs"
+    coordinator = spawn(swarmtrain_cmd(
+        "coordinator", "--run-id", "dash-real", "--host-maddrs", LOOPBACK, "--maddrs-file", str(maddrs_file),
+        "--identity", str(tmp_path / "coordinator.key"), "--checkpoint-every-s", "0", "--dashboard-port", str(port),
+    ), str(tmp_path / "coordinator.log"))
+    peer = None
     try:
-        root = psutil.Process(pid)
-        return [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+        wait_for(lambda: maddrs_file.exists() and maddrs_file.read_text().strip(), 60, what="the coordinator's maddrs")
+        maddr = maddrs_file.read_text().split()[0]
+        peer = spawn(swarmtrain_cmd(
+            "peer", "--run-id", "dash-real", "--initial-peers", maddr, "--host-maddrs", LOOPBACK,
+            "--public-name", "real-peer", "--threads", "1",
+        ), str(tmp_path / "peer.log"))
+        url = f"http://127.0.0.1:{port}/"
+
+        def training():
+            try:
+                state = get_json(url + "api/v1/state")
+            except urllib.error.URLError:  # the coordinator writes its maddrs before its dashboard listens
+                return None
+            rows = [p for p in state["peers"] if p["public_name"] == "real-peer"]
+            return state if rows and rows[0]["state"] == "online" and rows[0]["steps"] > 0 else None
+
+        state = wait_for(training, 80, interval=1.0, what="the real peer training, seen by the coordinator's dashboard")
+        row = next(p for p in state["peers"] if p["public_name"] == "real-peer")
+        assert state["manifest"]["coordinator"] == maddr.rsplit("/p2p/", 1)[1]
+        assert any(p["role"] == "coordinator" for p in state["peers"])
+        assert row["reachability"] == "direct" and row["samples"] > 0 and row["loss"] is not None
+        served = {e["uid"]: e for m in state["experts"].values() for e in m}
+        assert row["experts_served"] and all(served[uid]["replicas"] >= 1 for uid in row["experts_served"])
+        text = http(url + "metrics")[2].decode()
+        assert 'swarmtrain_peers{run_id="dash-real",state="online"} 1.0' in text
+    finally:
+        for process in (peer, coordinator):
+            if process is not None:
+                stop_group(process)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
