@@ -437,7 +437,11 @@ def test_coordinator_serves_the_dashboard_of_a_real_training_peer(tmp_path):
             rows = [p for p in state["peers"] if p["public_name"] == "real-peer"]
             return state if rows and rows[0]["state"] == "online" and rows[0]["steps"] > 0 else None
 
-        state = wait_for(training, 80, interval=1.0, what="the real peer training, seen by the coordinator's dashboard")
+        try:
+            state = wait_for(training, 80, interval=1.0, what="the real peer training, seen by the dashboard")
+        except AssertionError as e:
+            logs = {name: (tmp_path / f"{name}.log").read_text()[-2000:] for name in ("coordinator", "peer")}
+            raise AssertionError(f"{e}\n--- coordinator log:\n{logs['coordinator']}\n--- peer log:\n{logs['peer']}")
         row = next(p for p in state["peers"] if p["public_name"] == "real-peer")
         assert state["manifest"]["coordinator"] == maddr.rsplit("/p2p/", 1)[1]
         assert any(p["role"] == "coordinator" for p in state["peers"])
