@@ -7,6 +7,9 @@ Function that likewise sends one backward request per expert concurrently (to th
 and scatter-adds the returned input gradients into ``grad_x``. Experts hosted by this peer's own
 :class:`~swarmtrain.expert_pool.server.ExpertServer` are called in-process while the remote calls are in flight.
 
+Requests to one host travel on one long-lived stream (:mod:`~swarmtrain.expert_pool.session`), still one request
+per expert: opening a libp2p stream per request would cost ~10x more CPU than the request itself.
+
 This replaces hivemind's ``RemoteMixtureOfExperts``, which issues one RPC per (sample, expert) pair.
 
 Failures never raise out of ``dispatch``: an expert whose hosts all fail or time out (``timeout_s`` per expert) is
@@ -32,7 +35,8 @@ from swarmtrain.dht.uids import make_uid
 from swarmtrain.expert_pool.codec import check_codec, decode_tensor, encode_tensor
 from swarmtrain.expert_pool.registry import ExpertRegistry
 from swarmtrain.expert_pool.server import ExpertServer
-from swarmtrain.expert_pool.wire import DEFAULT_CHUNK_BYTES, pack_request, read_call
+from swarmtrain.expert_pool.session import SessionPool
+from swarmtrain.expert_pool.wire import DEFAULT_CHUNK_BYTES, Call, pack_request, read_call
 
 logger = logging.getLogger(__name__)
 LOCAL = "<local>"  # host marker of experts served by this process
@@ -79,6 +83,9 @@ class DispatchStats:
     backward_calls: int = 0
     backward_failures: int = 0  # backward calls whose rows got zero gradient
     local_calls: int = 0
+    bytes_sent: int = 0  # tensor payload bytes of remote requests (after the wire codec)
+    bytes_received: int = 0
+    last_error: str = ""  # the latest failure, "<verb> <uid>: <reason>"
 
 
 class HostBans:
@@ -155,10 +162,15 @@ class RemoteDispatcher:
         self.local_server = local_server
         self.hidden = manifest.model.hidden
         self.timeout_s = float(timeout_s if timeout_s is not None else manifest.expert_pool.timeout_s)
-        self.codec = check_codec(codec or getattr(manifest.expert_pool, "wire_codec", "none"))
+        self.codec = check_codec(codec or manifest.expert_pool.wire_codec)
         self.bans = bans or HostBans()
         self.stats = DispatchStats()
         self.my_peer_id = registry.directory.peer_id
+        self._sessions = SessionPool(p2p)
+
+    def close(self) -> None:
+        """Close the sessions to hosts (they are also dropped when the p2p replica shuts down)."""
+        self.loop.run(self._sessions.close(), timeout=30)
 
     def live_mask(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
         """Bool ``[num_experts]``: hosted here, or by a live remote host that is not banned."""
@@ -184,7 +196,7 @@ class RemoteDispatcher:
             _Route(make_uid(modality, layer, int(e)), positions, flat_rows[positions])
             for e, positions in zip(experts.tolist(), order.split(counts.tolist()))
         ]
-        out, answered = _DispatchFunction.apply(x, self, routes)
+        out, answered = _DispatchFunction.apply(x, self, routes, k)
         return out.view(n, k, x.shape[1]), answered.view(n, k)
 
     # ---- calls -------------------------------------------------------------------------------------------------
@@ -244,13 +256,14 @@ class RemoteDispatcher:
         hosts = [route.host] if verb == "backward" else self._remote_hosts(route.uid)
         if not hosts:
             route.error = "no live host"
+        encoded = None
         for host in hosts:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                coro = call_expert(self.p2p, host, verb, route.uid, tensors, self.codec)
-                (output,) = await asyncio.wait_for(coro, remaining)
+                encoded = encoded or [encode_tensor(t, self.codec) for t in tensors]
+                (output,) = await asyncio.wait_for(self._call_on_session(host, verb, route.uid, encoded), remaining)
                 if output.shape != tensors[0].shape or output.dtype != torch.float32:
                     raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
                 self.bans.success(host, route.uid)
@@ -263,29 +276,40 @@ class RemoteDispatcher:
                 logger.warning(f"{verb} of {route.uid} at {host[-6:]} failed ({route.error}); banned for {ban:.0f}s")
         return None
 
+    async def _call_on_session(self, host: str, verb: str, uid: str, encoded: list) -> list[torch.Tensor]:
+        session = await self._sessions.get(host)
+        self.stats.bytes_sent += sum(len(proto.buffer) for proto in encoded)
+        call = await session.call(verb, uid, {"codec": self.codec}, encoded)
+        self.stats.bytes_received += sum(len(proto.buffer) for proto in call.tensors)
+        return _unpack_response(verb, host, call)[1]
+
 
 class _DispatchFunction(torch.autograd.Function):
     """Autograd glue: forward sends one request per expert, backward one backward request per answered expert.
 
     Rows cross the wire as float32 CPU tensors: ``x`` (on any device / dtype) is moved once per call, and outputs
-    and gradients are moved back once.
+    and gradients are moved back once. Gradients are scattered into a ``[N * k, d]`` buffer with ``index_copy_``
+    (each (row, choice) pair belongs to one expert) and summed over the k choices of each row: the scatter-add
+    without ``index_add_``, whose CPU kernel opens one OpenMP parallel region per index row and stalls for
+    milliseconds on a busy 2-core machine.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route]):
+    def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route], k: int):
         x_cpu = x.detach().to("cpu", torch.float32)
-        outputs = dispatcher.run_calls("forward", routes, [(x_cpu.index_select(0, r.rows),) for r in routes])
-        n_pairs = sum(len(route.positions) for route in routes)
-        out = x_cpu.new_zeros(n_pairs, x.shape[1])
-        answered = torch.zeros(n_pairs, dtype=torch.bool)
+        inputs = [(_finite(x_cpu.index_select(0, r.rows), "x"),) for r in routes]
+        outputs = dispatcher.run_calls("forward", routes, inputs)
+        out = x_cpu.new_zeros(x.shape[0] * k, x.shape[1])
+        answered = torch.zeros(x.shape[0] * k, dtype=torch.bool)
         for route, output in zip(routes, outputs):
             dispatcher.stats.forward_calls += 1
             if output is None:
                 dispatcher.stats.forward_failures += 1
+                dispatcher.stats.last_error = f"forward {route.uid}: {route.error}"
                 continue
             out.index_copy_(0, route.positions, output)
             answered[route.positions] = True
-        ctx.dispatcher = dispatcher
+        ctx.dispatcher, ctx.k = dispatcher, k
         ctx.routes = [route for route, output in zip(routes, outputs) if output is not None]
         ctx.save_for_backward(x_cpu)
         ctx.x_device, ctx.x_dtype = x.device, x.dtype
@@ -296,39 +320,54 @@ class _DispatchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_answered: Optional[torch.Tensor]):
         (x_cpu,) = ctx.saved_tensors
-        dispatcher, routes = ctx.dispatcher, ctx.routes
-        grad_x = torch.zeros_like(x_cpu)
+        dispatcher, routes, (n, d) = ctx.dispatcher, ctx.routes, x_cpu.shape
+        grad_pairs = x_cpu.new_zeros(n * ctx.k, d)  # gradient w.r.t. x of each (row, choice) pair
         if routes:
-            grad_out = grad_out.detach().to("cpu", torch.float32).contiguous()
-            inputs = [(x_cpu.index_select(0, r.rows), grad_out.index_select(0, r.positions)) for r in routes]
+            grad_out = grad_out.detach().to("cpu", torch.float32)
+            inputs = [
+                (x_cpu.index_select(0, r.rows), _finite(grad_out.index_select(0, r.positions), "grad_out"))
+                for r in routes
+            ]
             grads = dispatcher.run_calls("backward", routes, inputs)
             for route, grad in zip(routes, grads):
                 dispatcher.stats.backward_calls += 1
                 if grad is None:
                     dispatcher.stats.backward_failures += 1
+                    dispatcher.stats.last_error = f"backward {route.uid}: {route.error}"
                     rows = len(route.rows)
                     logger.warning(f"backward of {route.uid} failed ({route.error}): zero grad for {rows} rows")
                     continue
-                grad_x.index_add_(0, route.rows, grad)
-        return grad_x.to(ctx.x_device, ctx.x_dtype), None, None
+                grad_pairs.index_copy_(0, route.positions, grad)
+        grad_x = grad_pairs.view(n, ctx.k, d).sum(dim=1)
+        return grad_x.to(ctx.x_device, ctx.x_dtype), None, None, None
+
+
+def _finite(rows: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse NaN/Inf here (a bug upstream) rather than have hosts refuse them and get banned for it."""
+    if not torch.isfinite(rows).all():
+        raise ValueError(f"the expert layer got NaN or Inf in {name}")
+    return rows
 
 
 async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict, list[torch.Tensor]]:
+    """One call on its own stream (``rpc_forward`` / ``rpc_backward`` / ``rpc_state``)."""
     stub = ExpertServer.get_stub(p2p, PeerID.from_base58(peer_id))
     method = {"forward": stub.rpc_forward, "backward": stub.rpc_backward, "state": stub.rpc_state}[verb]
     stream = await method(_aiter(messages))
     try:
-        _, meta, protos = await read_call(stream)
-    except ExpertCallError:
-        raise
+        call = await read_call(stream)
     except Exception as e:
         raise ExpertCallError(f"{verb} call to {peer_id[-6:]} failed: {type(e).__name__}: {e}") from e
     finally:
         await stream.aclose()
-    if "error" in meta:
-        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {meta['error']}", refused=True)
+    return _unpack_response(verb, peer_id, call)
+
+
+def _unpack_response(verb: str, peer_id: str, call: Call) -> tuple[dict, list[torch.Tensor]]:
+    if "error" in call.meta:
+        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {call.meta['error']}", refused=True)
     try:
-        return meta, [decode_tensor(proto) for proto in protos]
+        return call.meta, [decode_tensor(proto) for proto in call.tensors]
     except Exception as e:
         raise ExpertCallError(f"undecodable {verb} response from {peer_id[-6:]}: {e}", refused=True) from e
 

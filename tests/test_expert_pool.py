@@ -18,6 +18,7 @@ import time
 import msgpack
 import pytest
 import torch
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from swarmtrain.dht.directory import SwarmDirectory
@@ -38,6 +39,7 @@ from swarmtrain.expert_pool.dispatch import LocalDispatcher
 from swarmtrain.expert_pool.expert import make_expert
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
 from swarmtrain.expert_pool.server import ExpertServer
+from swarmtrain.expert_pool.session import HostSession, SessionError
 from swarmtrain.expert_pool.wire import pack_request
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -164,10 +166,18 @@ def swarm():
     assert server_registry.publish()
     registry = ExpertRegistry(SwarmDirectory(client_node.dht, "pooltest", client_node.peer_id), None, 30)
     registry.refresh()
+    dispatchers = []
+
+    def make_dispatcher(node=client_node, registry=registry, **kwargs) -> RemoteDispatcher:
+        dispatchers.append(RemoteDispatcher(node.p2p, node.loop, registry, manifest, **kwargs))
+        return dispatchers[-1]
+
     try:
         yield dict(server_node=server_node, client_node=client_node, manifest=manifest, server=server,
-                   registry=registry, server_registry=server_registry)
+                   registry=registry, server_registry=server_registry, make_dispatcher=make_dispatcher)
     finally:
+        for dispatcher in dispatchers:
+            dispatcher.close()
         server.shutdown()
         client_node.shutdown()
         server_node.shutdown()
@@ -182,7 +192,7 @@ def _call_sync(swarm, verb, uid, tensors, codec="none"):
 def test_remote_dispatch_matches_local_and_trains(swarm):
     manifest, server, node = swarm["manifest"], swarm["server"], swarm["client_node"]
     assert [peer for peer, _ in swarm["registry"].hosts("text.0.1")] == [swarm["server_node"].peer_id]
-    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest)
+    dispatcher = swarm["make_dispatcher"]()
     assert dispatcher.live_mask("text", 0, E).all() and not dispatcher.live_mask("text", 1, E).any()
     torch.manual_seed(0)
     for trial in range(3):
@@ -209,7 +219,7 @@ def test_remote_dispatch_matches_local_and_trains(swarm):
     assert dispatcher.stats.forward_calls == dispatcher.stats.backward_calls > 0
 
     # a lossy wire codec gives nearly the same outputs
-    fp16 = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest, codec="fp16")
+    fp16 = swarm["make_dispatcher"](codec="fp16")
     x = torch.randn(16, HIDDEN)
     idx = torch.randint(0, E, (16, 2))
     with torch.no_grad():
@@ -222,7 +232,7 @@ def test_remote_dispatch_matches_local_and_trains(swarm):
 def test_local_server_experts_run_in_process(swarm):
     """On the server's own node, its experts are called without the network (local_calls), same results."""
     node, server = swarm["server_node"], swarm["server"]
-    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["server_registry"], swarm["manifest"], local_server=server)
+    dispatcher = swarm["make_dispatcher"](node=node, registry=swarm["server_registry"], local_server=server)
     ref = LocalDispatcher({u: _copy(server.module(u)) for u in (f"text.0.{i}" for i in range(E))})
     version = server.hosted()["text.0.2"].version
     x = torch.randn(10, HIDDEN, requires_grad=True)
@@ -278,6 +288,79 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(swarm):
         server.backward_local("text.0.0", good, nan)
 
 
+@pytest.mark.timeout(60)
+def test_session_refuses_bad_calls_and_survives(swarm):
+    """On one rpc_session stream: bad calls get their own error reply, good calls around them still work, and a
+    stream that cannot be parsed is closed (its pending calls fail) while new sessions work."""
+    node, server = swarm["client_node"], swarm["server"]
+    peer = swarm["server_node"].peer_id
+    good = torch.randn(3, HIDDEN)
+    nan = good.clone()
+    nan[0, 0] = float("inf")
+
+    async def scenario():
+        session = HostSession(node.p2p, peer)
+        await session.open()
+        results = await asyncio.gather(
+            session.call("explode", "text.0.0", {}, [encode_tensor(good)]),
+            session.call("forward", "text.0.0", {}, [encode_tensor(good)]),
+            session.call("backward", "text.0.1", {}, [encode_tensor(good), encode_tensor(nan)]),
+            session.call("forward", "text.3.0", {}, [encode_tensor(good)]),
+            session.call("forward", "text.0.2", {}, [encode_tensor(good)]),
+        )
+        # a message that cannot be split into calls: the host answers the calls before it, then closes the session
+        broken = runtime_pb2.ExpertRequest(uid="text.0.0", metadata=msgpack.packb({"n_msgs": "many", "id": 99}))
+        pending = asyncio.ensure_future(session.call("forward", "text.0.0", {}, [encode_tensor(good)]))
+        await asyncio.sleep(0)
+        async with session._write_lock:
+            await P2P.send_protobuf(broken, session._writer)
+        before_break = await asyncio.wait_for(pending, 10)
+        for _ in range(100):
+            if session.closed:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(SessionError, match="closed"):
+            await session.call("forward", "text.0.0", {}, [encode_tensor(good)])
+        results.append(before_break)
+        fresh = HostSession(node.p2p, peer)
+        await fresh.open()
+        again = await fresh.call("forward", "text.0.2", {}, [encode_tensor(good)])
+        await fresh.close()
+        await session.close()
+        return results, session.closed, again
+
+    versions = {uid: load.version for uid, load in server.hosted().items()}
+    (unknown_verb, ok, refused_nan, unknown_uid, ok2, ok3), closed, again = node.loop.run(scenario(), timeout=60)
+    assert "unknown verb 'explode'" in unknown_verb.meta["error"]
+    assert "grad_out of text.0.1 contains NaN or Inf" in refused_nan.meta["error"]
+    assert "not hosted by this peer" in unknown_uid.meta["error"]
+    expected = server.forward_local("text.0.0", good)
+    assert "error" not in ok.meta and torch.allclose(decode_tensor(ok.tensors[0]), expected, atol=1e-6)
+    assert "error" not in ok2.meta and "error" not in ok3.meta and "error" not in again.meta and closed
+    assert {uid: load.version for uid, load in server.hosted().items()} == versions  # no optimizer step
+
+    dispatcher = swarm["make_dispatcher"]()
+    with pytest.raises(ValueError, match="NaN or Inf in x"):
+        dispatcher.dispatch(nan, torch.tensor([[0, 1]] * 3), "text", 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dispatch_of_cuda_activations(swarm):
+    server = swarm["server"]
+    ref = LocalDispatcher({u: _copy(server.module(u)) for u in (f"text.0.{i}" for i in range(E))})
+    x = torch.randn(20, HIDDEN, device="cuda", requires_grad=True)
+    x_ref = x.detach().cpu().requires_grad_(True)
+    idx = torch.randint(0, E, (20, 2), device="cuda")
+    out, answered = swarm["make_dispatcher"]().dispatch(x, idx, "text", 0)
+    out_ref, _ = ref.dispatch(x_ref, idx.cpu(), "text", 0)
+    assert out.device.type == "cuda" and answered.device.type == "cuda" and answered.all()
+    out.sum().backward()
+    out_ref.sum().backward()
+    assert torch.allclose(out.cpu(), out_ref, atol=1e-5) and torch.allclose(x.grad.cpu(), x_ref.grad, atol=1e-5)
+
+
 @pytest.mark.timeout(90)
 def test_payload_over_4mib_streams(swarm):
     server = swarm["server"]
@@ -300,7 +383,7 @@ def test_state_fetch_and_refused_expert_is_retried_after_ban(swarm):
     assert state.keys() == server.state_dict("text.0.1").keys()
     assert all(torch.equal(state[k], v) for k, v in server.state_dict("text.0.1").items())
 
-    dispatcher = RemoteDispatcher(node.p2p, node.loop, swarm["registry"], manifest, bans=HostBans(base_s=0.3))
+    dispatcher = swarm["make_dispatcher"](bans=HostBans(base_s=0.3))
     saved = server.state_dict("text.0.1")
     server.remove_expert("text.0.1")  # the registry still lists it: the host refuses, the expert is not answered
     try:
