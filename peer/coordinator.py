@@ -73,12 +73,15 @@ class Coordinator:
         return self.maddrs
 
     def run(self, stop: threading.Event) -> None:
-        last_checkpoint = time.monotonic()
-        while not stop.wait(MANIFEST_REPUBLISH_S / 2):
-            self._publish()
+        last_checkpoint = last_manifest = time.monotonic()
+        while not stop.wait(self.manifest.training.heartbeat_period_s):
+            now = time.monotonic()
+            self._publish(manifest=now - last_manifest >= MANIFEST_REPUBLISH_S)
+            if now - last_manifest >= MANIFEST_REPUBLISH_S:
+                last_manifest = now
             every = self.options.checkpoint_every_s
-            if every and time.monotonic() - last_checkpoint >= every:
-                last_checkpoint = time.monotonic()
+            if every and now - last_checkpoint >= every:
+                last_checkpoint = now
                 try:
                     path = self.checkpoint()
                     if path:
@@ -86,8 +89,9 @@ class Coordinator:
                 except Exception as e:
                     logger.warning(f"checkpoint failed: {e}")
 
-    def _publish(self) -> None:
-        if not self.directory.publish(RecordKind.MANIFEST, self.manifest, MANIFEST_TTL_S):
+    def _publish(self, manifest: bool = True) -> None:
+        """Re-sign and store the manifest (if asked) and the coordinator's heartbeat."""
+        if manifest and not self.directory.publish(RecordKind.MANIFEST, self.manifest, MANIFEST_TTL_S):
             logger.warning("could not store the manifest in the DHT (will retry)")
         heartbeat = Heartbeat(
             peer_id=self.peer_id, role="coordinator", public_name="coordinator", version=swarmtrain_version(),
