@@ -74,20 +74,28 @@ class Coordinator:
 
     def run(self, stop: threading.Event) -> None:
         last_checkpoint = last_manifest = time.monotonic()
+        checkpointer: Optional[threading.Thread] = None
         while not stop.wait(self.manifest.training.heartbeat_period_s):
             now = time.monotonic()
             self._publish(manifest=now - last_manifest >= MANIFEST_REPUBLISH_S)
             if now - last_manifest >= MANIFEST_REPUBLISH_S:
                 last_manifest = now
             every = self.options.checkpoint_every_s
-            if every and now - last_checkpoint >= every:
+            busy = checkpointer is not None and checkpointer.is_alive()
+            if every and now - last_checkpoint >= every and not busy:  # in the background: heartbeats go on
                 last_checkpoint = now
-                try:
-                    path = self.checkpoint()
-                    if path:
-                        logger.info(f"saved checkpoint {path}")
-                except Exception as e:
-                    logger.warning(f"checkpoint failed: {e}")
+                checkpointer = threading.Thread(target=self._checkpoint_logged, name="checkpoint", daemon=True)
+                checkpointer.start()
+        if checkpointer is not None:
+            checkpointer.join(timeout=30)
+
+    def _checkpoint_logged(self) -> None:
+        try:
+            path = self.checkpoint()
+            if path:
+                logger.info(f"saved checkpoint {path}")
+        except Exception as e:
+            logger.warning(f"checkpoint failed: {e}")
 
     def _publish(self, manifest: bool = True) -> None:
         """Re-sign and store the manifest (if asked) and the coordinator's heartbeat."""
