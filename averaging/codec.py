@@ -87,12 +87,14 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
 
 
 def encode(
-    x: torch.Tensor, codec: str, blocksize: int = 4096, with_decoded: bool = True
+    x: torch.Tensor, codec: str, blocksize: int = 4096, with_decoded: bool = True, check_finite: bool = True
 ) -> tuple[runtime_pb2.Tensor, Optional[torch.Tensor]]:
     """Encode the float32 vector ``x``: (message, what the receiver will decode from it, if ``with_decoded``).
 
     Lossy codecs refuse non-finite input with :class:`LocalDataError` (8-bit quantization would silently turn
-    a NaN into a finite number, and float16 turns values beyond 65504 into Inf).
+    a NaN into a finite number, and float16 turns values beyond 65504 into Inf). A caller that has already
+    checked ``x`` (e.g. by computing its norm) passes ``check_finite=False`` to skip the 8-bit codec's extra pass;
+    float16 overflow is always checked.
     """
     x = x.reshape(-1)
     if x.dtype != torch.float32:
@@ -107,7 +109,7 @@ def encode(
         buffer = half.numpy().tobytes()
         decoded = half.to(torch.float32) if with_decoded else None
     else:
-        if not _finite(x):
+        if check_finite and not _finite(x):
             raise LocalDataError(f"cannot send {x.numel()} values as 8-bit: they hold NaN or Inf")
         qmap = _dynamic_map()
         codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, qmap, blocksize)

@@ -143,11 +143,10 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
                 return
             if protocol.field(meta, "o", int) != segment.lo or tensor is None:
                 raise ProtocolError(f"expected the chunk at offset {segment.lo}")
-            reply, x, theirs, b = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
+            reply, x, b, x_sq, a_sq = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
             if snapshot is not None:
                 snapshot[segment.lo : segment.hi] = x
-            own_sq += float(torch.dot(x, x))
-            their_sq += float(torch.dot(theirs, theirs))
+            own_sq, their_sq = own_sq + x_sq, their_sq + a_sq
             received[segment.lo : segment.hi] = b
             yield protocol.response("chunk", reply, o=segment.lo)
         message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
@@ -175,6 +174,8 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
         yield protocol.response("refuse", reason=str(e)[:200])
     except (asyncio.TimeoutError, StopAsyncIteration, ConnectionError) as e:
         outcome.result, outcome.error = "failed", f"initiator went silent ({type(e).__name__})"
+    except RuntimeError as e:  # e.g. we are shutting down: our thread pool is closed
+        outcome.result, outcome.error = "failed", f"{type(e).__name__}: {e}"
 
 
 def check_hello(replica: LocalReplica, group: str, message) -> dict:
@@ -271,15 +272,14 @@ async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: O
     for segment in replica.segments:
         codec = replica.value_codec(segment)
         try:
-            message, x, decoded, err_sq = await replica.call(replica.encode_own, segment, codec)
+            message, x, x_sq, a_sq, err_sq = await replica.call(replica.encode_own, segment, codec)
         except LocalDataError as e:
             outbox.put_nowait(protocol.request("abort", reason="the initiator's parameters are not finite"))
             outbox.put_nowait(None)
             raise e
         if snapshot is not None:
             snapshot[segment.lo : segment.hi] = x
-        own_sq += float(torch.dot(x, x))
-        sent_sq += float(torch.dot(decoded, decoded))
+        own_sq, sent_sq = own_sq + x_sq, sent_sq + a_sq
         if codec == "8bit":
             q8_sq, any_q8 = q8_sq + err_sq, True
         outbox.put_nowait(protocol.request("chunk", message, o=segment.lo))

@@ -243,6 +243,9 @@ class GossipAverager(ServicerBase):
             await asyncio.wait({self._task}, timeout=self.spec.timeout_s + 1)
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=5)
+        deadline = time.monotonic() + self.spec.timeout_s + 1
+        while self.busy and time.monotonic() < deadline:  # a served exchange (new ones are refused by now)
+            await asyncio.sleep(0.01)
         self.rendezvous.leave(self.group)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.rendezvous.announce(force=True), 5)

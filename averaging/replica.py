@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -15,7 +16,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import rules
-from swarmtrain.averaging.codec import ErrorFeedback, Segment, decode, encode, plan_segments
+from swarmtrain.averaging.codec import ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments
 from swarmtrain.averaging.flat import FlatParams
 from swarmtrain.dht.records import AveragingSpec
 
@@ -88,26 +89,29 @@ class LocalReplica:
         return "fp16" if segment.codec == "8bit" and self.precise else segment.codec
 
     def encode_own(self, segment: Segment, codec: str):
-        """Initiator: (message, our values x, what the partner decodes, encoding error) for ``segment``,
-        with error feedback for lossy codecs."""
+        """Initiator: (message, our values x, ||x||^2, ||A||^2, squared encoding error) for ``segment``, with
+        error feedback for lossy codecs. Raises LocalDataError if our values are not finite."""
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
+        own_sq = _checked_sq_norm(x)
         if codec == "none":
-            message, decoded = encode(x, "none")
-            return message, x, decoded, 0.0
+            message, _ = encode(x, "none")
+            return message, x, own_sq, own_sq, 0.0
         meant = self.feedback.compensate(segment.lo, x)
-        message, decoded = encode(meant, codec, self.spec.blocksize)
+        message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False)
         self.feedback.update(segment.lo, meant, decoded)
-        return message, x, decoded, float(torch.dist(meant, decoded)) ** 2
+        return message, x, own_sq, float(torch.dot(decoded, decoded)), float(torch.dist(meant, decoded)) ** 2
 
     def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int):
         """Partner: decode the initiator's values ``a`` for ``segment`` and answer ``b = x - a`` encoded with the
-        segment's codec; returns (reply message, our x, a, decoded b). Raises WireError on bad input."""
+        segment's codec; returns (reply message, our x, decoded b, ||x||^2, ||a||^2). Raises WireError on bad
+        input, LocalDataError if our own values are not finite."""
         theirs, _ = decode(tensor, segment.hi - segment.lo, blocksize)
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
-        reply, b = encode(x - theirs, segment.codec, blocksize)
-        return reply, x, theirs, b
+        own_sq = _checked_sq_norm(x)
+        reply, b = encode(x - theirs, segment.codec, blocksize, check_finite=False)
+        return reply, x, b, own_sq, float(torch.dot(theirs, theirs))
 
     def after_exchange(self, ok: bool, distance: float, own_norm: float, q8_err: Optional[float]) -> None:
         """Initiator bookkeeping: keep or drop the error-feedback residuals; choose the next value codec."""
@@ -153,3 +157,11 @@ class LocalReplica:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _checked_sq_norm(x: torch.Tensor) -> float:
+    """``||x||^2``, which is also the finiteness check of ``x`` before lossy encoding (one pass for both)."""
+    value = float(torch.dot(x, x))
+    if not math.isfinite(value):
+        raise LocalDataError(f"our {x.numel()} values hold NaN, Inf or values too large to average")
+    return value

@@ -135,11 +135,12 @@ def test_delta_rule_keeps_local_progress_while_training(nodes):
 
 
 @pytest.mark.timeout(60)
-def test_bad_partners_are_rejected_and_leave_us_untouched(nodes):
-    spec = AveragingSpec(period_s=QUIET, timeout_s=5)
+@pytest.mark.parametrize("codec", ["none", "8bit"])
+def test_bad_partners_are_rejected_and_leave_us_untouched(nodes, codec):
+    spec = AveragingSpec(period_s=QUIET, timeout_s=5, codec=codec)
     made = []
 
-    def pair(group, ours, theirs, their_layout=None):
+    def pair(group, theirs, their_layout=None):
         mine = [torch.randn(5000), torch.randn(10)]
         other = [torch.randn(their_layout or 5000), torch.randn(10)]
         if theirs == "nan":
@@ -150,31 +151,50 @@ def test_bad_partners_are_rejected_and_leave_us_untouched(nodes):
         return made[-2], made[-1], mine, [t.clone() for t in mine]
 
     try:
-        # we initiate, the partner's answer holds NaN
-        ours, theirs, mine, before = pair("bad-a", "good", "nan")
+        # a peer whose parameters hold NaN initiates: it notices, sends nothing and blames nobody
+        ours, theirs, mine, before = pair(f"bad-a-{codec}", "nan")
+        assert theirs.average_once(nodes[0].peer_id) == "local"
+        # we initiate: it refuses to answer; we stay untouched and skip it from now on
         assert ours.average_once(nodes[1].peer_id) == "rejected"
         assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 1
         assert ours.penalties.banned(nodes[1].peer_id)
-        # the partner initiates with NaN values: we refuse them
-        ours, theirs, mine, before = pair("bad-b", "good", "nan")
-        assert theirs.average_once(nodes[0].peer_id) == "rejected"
+        assert theirs.stats().failures == 2 and not theirs.penalties.banned(nodes[0].peer_id)
+        # a peer that sends NaN values anyway (a raw client on node 1 speaking the protocol): refused, banned
+        ours, _, mine, before = pair(f"bad-b-{codec}", "good")
+        reply = nodes[1].loop.run(_send_raw_exchange(nodes[1], nodes[0].peer_id, ours, spec))
+        assert reply == ["accept", "refuse"]
         assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 1
+        assert ours.penalties.banned(nodes[1].peer_id)
         # wrong sizes, both ways: refused at the first message
-        ours, theirs, mine, before = pair("bad-c", "good", "good", their_layout=5001)
+        ours, theirs, mine, before = pair(f"bad-c-{codec}", "good", their_layout=5001)
         assert ours.average_once(nodes[1].peer_id) == "rejected"
         assert theirs.average_once(nodes[0].peer_id) == "rejected"
         assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 2
         assert ours.stats().rounds == 0 and ours.stats().bytes_received < 4096
-        # 8-bit: a peer whose own values are NaN sends nothing and blames nobody; its partner refuses its answer
-        spec = AveragingSpec(period_s=QUIET, timeout_s=5, codec="8bit")
-        ours, theirs, mine, before = pair("bad-d", "good", "nan")
-        assert theirs.average_once(nodes[0].peer_id) == "local"
-        assert ours.average_once(nodes[1].peer_id) == "rejected"
-        assert all(torch.equal(t, o) for t, o in zip(mine, before))
-        assert theirs.stats().failures == 2 and not theirs.penalties.banned(nodes[0].peer_id)
     finally:
         for avg in made:
             avg.shutdown()
+
+
+async def _send_raw_exchange(node, peer: str, target: GossipAverager, spec: AveragingSpec) -> list[str]:
+    """Speak rpc_exchange by hand: a valid hello, then a first chunk whose values hold NaN."""
+    from hivemind.p2p import PeerID
+
+    from swarmtrain.averaging import protocol
+    from swarmtrain.averaging.codec import encode
+
+    segment = target.replica.segments[0]
+    values = torch.randn(segment.hi - segment.lo)
+    values[3] = float("nan")
+    message, _ = encode(values, "none")  # float32 carries the NaN as it is
+
+    async def requests():
+        yield protocol.hello(target.group, target.replica.numel, target.replica.layout, spec.codec, spec.blocksize,
+                             spec.chunk_elems, 1.0)
+        yield protocol.request("chunk", message, o=segment.lo)
+
+    stub = GossipAverager.get_stub(node.p2p, PeerID.from_base58(peer), namespace=target.namespace)
+    return [protocol.parse(reply, ("accept", "refuse", "chunk"))[0] async for reply in await stub.rpc_exchange(requests())]
 
 
 @pytest.mark.timeout(60)
