@@ -116,7 +116,11 @@ def main() -> None:
                 "payload_bytes_per_expert_call": (stats.bytes_sent + stats.bytes_received) / (2 * calls),
             }
         print("wire:", json.dumps(results["ours_wire"]), flush=True)
-    print(json.dumps(results))
+    print(json.dumps(results), flush=True)
+    sys.stderr.flush()
+    # everything is shut down; skip interpreter teardown, where hivemind objects' __del__ print tracebacks
+    # ("no current event loop") after our JSON, which must be the last line
+    os._exit(0)
 
 
 def _local_dense_k2(local: list[ExpertFFN], x: torch.Tensor, g: torch.Tensor) -> None:
