@@ -14,7 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# the CPU build from local disk / PyPI; a bare `torch` could pull a multi-GB CUDA build
+	# pinned: where pip has the CPU wheel (this project's machines keep it on local disk) it takes that one;
+	# an unpinned `torch` could pull a newer multi-GB CUDA build
 	$(VENV)/bin/pip install -q "torch==2.13.0"
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@

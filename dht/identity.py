@@ -97,6 +97,9 @@ def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
         key = serialization.load_der_public_key(proto.data)
         if not isinstance(key, rsa.RSAPublicKey):
             return False
+        numbers = key.public_numbers()
+        if numbers.e != 65537 or not 2048 <= key.key_size <= 4096:
+            return False  # keeps verification cheap and bounded for every record a node checks
         key.verify(signature, data, _PADDING, hashes.SHA256())
         return True
     except (InvalidSignature, ValueError, TypeError, Exception):

@@ -135,7 +135,12 @@ class SwarmNode:
         self.peer_id = identity.peer_id
         self.client_mode = client_mode
         self.loop = LoopThread()
-        self.p2p: Optional[P2P] = self.loop.run(self.dht.replicate_p2p(), timeout=60) if start_p2p else None
+        try:
+            self.p2p: Optional[P2P] = self.loop.run(self.dht.replicate_p2p(), timeout=60) if start_p2p else None
+        except BaseException:
+            self.loop.stop()
+            self.dht.shutdown()
+            raise
 
     def _start_dht(self, initial, hosts, announce, client_mode, use_relay, use_auto_relay, attempts, backoff):
         delay = backoff

@@ -7,10 +7,9 @@ peers choose (names, versions, devices) are length-limited here; the dashboard s
 """
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from swarmtrain.dht.keys import RUN_ID_PATTERN, RecordKind
 
@@ -113,6 +112,12 @@ class TrainingSpec(_Strict):
     heartbeat_period_s: Finite = Field(2.0, gt=0, le=600)
     heartbeat_ttl_s: Finite = Field(8.0, gt=0, le=3600)
 
+    @model_validator(mode="after")
+    def _check_ttl(self) -> "TrainingSpec":
+        if self.heartbeat_ttl_s <= self.heartbeat_period_s:
+            raise ValueError("training.heartbeat_ttl_s must exceed heartbeat_period_s, or records expire between beats")
+        return self
+
 
 class Manifest(_Strict):
     """The run manifest: everything a volunteer needs to join, signed by the coordinator."""
@@ -140,8 +145,11 @@ class Manifest(_Strict):
         missing = [m for m in self.modalities if m not in self.experts_per_layer]
         if missing:
             raise ValueError(f"experts_per_layer has no entry for modalities {missing}")
-        if self.expert_pool.top_k > min(self.experts_per_layer[m] for m in self.modalities):
+        fewest = min(self.experts_per_layer[m] for m in self.modalities)
+        if self.expert_pool.top_k > fewest:
             raise ValueError("expert_pool.top_k exceeds the number of experts per layer of some modality")
+        if self.expert_pool.k_min > fewest:
+            raise ValueError("expert_pool.k_min exceeds the number of experts per layer of some modality")
         return self
 
     def expert_uids(self, modalities: Optional[tuple[str, ...]] = None) -> list[str]:

@@ -22,6 +22,7 @@ import msgpack
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from swarmtrain.dht.identity import Identity, peer_id_from_public_key, verify_signature
@@ -31,6 +32,8 @@ from swarmtrain.dht.records import parse_record
 logger = logging.getLogger(__name__)
 
 _REJECT_LOG_INTERVAL_S = 5.0
+MAX_RECORD_TTL_S = 3600.0  # no swarm record may claim to live longer than this (heartbeats use seconds)
+MAX_PUBLIC_KEY_BYTES = 1024  # a 4096-bit RSA key in a libp2p PublicKey is ~550 bytes
 
 
 class SwarmRecordValidator(RecordValidatorBase):
@@ -92,6 +95,10 @@ class SwarmRecordValidator(RecordValidatorBase):
             return f"undecodable record ({type(e).__name__}: {e})"
         if not isinstance(subkey, str):
             return f"subkey {subkey!r} is not a peer id"
+        if record.expiration_time > get_dht_time() + MAX_RECORD_TTL_S:
+            return f"record of {subkey} expires more than {MAX_RECORD_TTL_S:.0f}s in the future"
+        if len(envelope["k"]) > MAX_PUBLIC_KEY_BYTES:
+            return f"record of {subkey} carries an oversized public key"
         signer = peer_id_from_public_key(envelope["k"])
         if signer != subkey:
             return f"signed by {signer} but stored under {subkey}"

@@ -34,9 +34,16 @@ COMMANDS = {
 }
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (naming it) and exit code 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="swarmtrain", description="Decentralized swarm training of a multimodal MoE")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _OneLineErrors(prog="swarmtrain", description="Decentralized swarm training of a multimodal MoE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineErrors)
     for name, (cls, help_text) in COMMANDS.items():
         add_options(sub.add_parser(name, help=help_text, description=cls.__doc__), cls)
     args = parser.parse_args(argv)
@@ -64,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from swarmtrain.peer.daemon import ManifestError
 
         if isinstance(e, (BootstrapError, ManifestError, IdentityError, CheckpointError, ValueError)):
+            logger.debug("details", exc_info=True)  # --log-level DEBUG shows where it came from
             print(f"swarmtrain {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise
@@ -115,23 +123,19 @@ def run_status(options: StatusOptions) -> int:
 
 def run_dashboard(options: DashboardOptions) -> int:
     from swarmtrain.dashboard.server import DashboardServer
-    from swarmtrain.dht.directory import SwarmDirectory
-    from swarmtrain.dht.identity import Identity
-    from swarmtrain.dht.node import SwarmNode
+    from swarmtrain.peer.status import SwarmObserver
 
     stop = _stop_on_signals()
-    identity = Identity.load_or_create(None)
-    node = SwarmNode(options.run_id, identity, initial_peers=options.initial_peers, client_mode=True,
-                     start_p2p=False, host_maddrs=options.host_maddrs)
-    server = DashboardServer(SwarmDirectory(node.dht, options.run_id, identity.peer_id), options.run_id,
-                             host=options.host, port=options.port, db_path=options.db, retention_s=options.retention_s)
+    observer = SwarmObserver(options.run_id, options.initial_peers, options.host_maddrs, options.coordinator)
+    server = DashboardServer(observer.directory, options.run_id, host=options.host, port=options.port,
+                             db_path=options.db, retention_s=options.retention_s)
     try:
         server.start()
         print(f"dashboard of run {options.run_id!r} at {server.url}", flush=True)
         stop.wait()
     finally:
         server.stop()
-        node.shutdown()
+        observer.close()
     return 0
 
 
@@ -140,8 +144,11 @@ def _stop_on_signals() -> threading.Event:
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked helper (hivemind's DHT process): its parent shuts it down in order
-            return
+        if os.getpid() != owner:  # a forked helper (hivemind's DHT process)
+            if signum == signal.SIGTERM:  # sent to it alone (e.g. by reap_children): die as usual
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # the terminal's Ctrl+C: the parent shuts it down in order
         if stop.is_set():  # a second Ctrl+C: give up waiting for a clean stop
             raise KeyboardInterrupt
         logger.info(f"received {signal.Signals(signum).name}, stopping")

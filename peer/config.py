@@ -6,6 +6,8 @@ Every option is a flag, a key of the ``--config`` TOML file and an environment v
 """
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +20,7 @@ from swarmtrain.dht.records import MODALITIES, Manifest
 from swarmtrain.peer.options import OptionsError, option
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,64}$")
 
 
 @dataclass
@@ -35,8 +38,10 @@ class NetworkOptions:
             validate_run_id(self.run_id)
             parse_maddrs(self.host_maddrs, what="--host-maddrs")
             parse_maddrs(self.announce_maddrs, what="--announce-maddrs")
-            for peers in [getattr(self, "initial_peers", [])]:
-                parse_maddrs(peers, what="--initial-peers", need_peer_id=True)
+            parse_maddrs(getattr(self, "initial_peers", []), what="--initial-peers", need_peer_id=True)
+            coordinator = getattr(self, "coordinator", None)
+            if coordinator is not None and not PEER_ID_RE.match(coordinator):
+                raise ValueError(f"bad --coordinator {coordinator!r}: expected a base58 peer id (Qm... or 12D3KooW...)")
         except ValueError as e:
             raise OptionsError(str(e)) from None
 
@@ -91,6 +96,10 @@ class PeerOptions(NetworkOptions):
             raise OptionsError("--public-name is longer than 64 characters")
         if self.max_experts < 0 or self.batch_size < 0 or self.threads < 0 or self.max_steps < 0:
             raise OptionsError("--max-experts, --batch-size, --threads and --max-steps must be >= 0")
+        if self.manifest_timeout_s <= 0 or self.bootstrap_attempts < 1:
+            raise OptionsError("--manifest-timeout-s must be > 0 and --bootstrap-attempts >= 1")
+        if self.data is not None and not os.path.isdir(self.data):
+            raise OptionsError(f"--data {self.data!r} is not a folder")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise OptionsError(f"bad --device {self.device!r}: use auto, cpu, cuda or cuda:N")
         parse_shard(self.data_shard)
@@ -108,7 +117,7 @@ class DemoOptions:
     max_experts: int = option(0, "most experts per peer (0: enough for every expert to be hosted)")
     workdir: Optional[str] = option(None, "folder for keys, logs and checkpoints (default: a temporary folder)")
     threads: int = option(1, "torch threads per peer")
-    config: Optional[str] = option(None, "run.toml for the coordinator (default: the built-in demo manifest)", hidden=True)
+    coordinator_config: Optional[str] = option(None, "run.toml for the demo's coordinator (default: the built-in manifest)")
 
     def check(self) -> None:
         if not 1 <= self.peers <= 32:
@@ -121,18 +130,16 @@ class DemoOptions:
 class StatusOptions:
     """swarmtrain status: join as a reader and print the swarm's manifest, peers and experts."""
 
-    initial_peers: list = option([], "multiaddrs of the coordinator or any peer")
+    initial_peers: list = option([], "multiaddrs of the coordinator or any peer, ending in /p2p/<peer id>")
+    coordinator: Optional[str] = option(None, "peer id whose manifest is trusted (default: the first initial peer's)")
     run_id: str = option("demo", "run id")
     json: bool = option(False, "print JSON instead of a table")
-    host_maddrs: list = option(["/ip4/0.0.0.0/tcp/0"], "multiaddrs to listen on")
+    host_maddrs: list = option(list(DEFAULT_HOST_MADDRS), "multiaddrs to listen on")
+    announce_maddrs: list = option([], "multiaddrs to announce (unused by a client-mode reader)", hidden=True)
     log_level: str = option("WARNING", "logging level", choices=LOG_LEVELS)
 
     def check(self) -> None:
-        try:
-            validate_run_id(self.run_id)
-            parse_maddrs(self.initial_peers, what="--initial-peers", need_peer_id=True)
-        except ValueError as e:
-            raise OptionsError(str(e)) from None
+        NetworkOptions.check_network(self)
         if not self.initial_peers:
             raise OptionsError("--initial-peers is required")
 

@@ -48,7 +48,7 @@ class Coordinator:
 
     def start(self) -> list[str]:
         opts = self.options
-        identity = Identity.load_or_create(opts.identity)
+        self.identity = identity = Identity.load_or_create(opts.identity)
         self.manifest: Manifest = build_manifest(opts.manifest, opts.run_id, identity.peer_id)
         self.node = SwarmNode(
             opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=identity.peer_id,
@@ -77,7 +77,10 @@ class Coordinator:
         checkpointer: Optional[threading.Thread] = None
         while not stop.wait(self.manifest.training.heartbeat_period_s):
             now = time.monotonic()
-            self._publish(manifest=now - last_manifest >= MANIFEST_REPUBLISH_S)
+            try:
+                self._publish(manifest=now - last_manifest >= MANIFEST_REPUBLISH_S)
+            except Exception as e:  # keep the bootstrap node up; the next tick retries
+                logger.warning(f"could not publish the manifest/heartbeat: {e}")
             if now - last_manifest >= MANIFEST_REPUBLISH_S:
                 last_manifest = now
             every = self.options.checkpoint_every_s
@@ -148,3 +151,5 @@ class Coordinator:
         if self.node is not None:
             self.node.shutdown()
             self.node = None
+        if getattr(self, "identity", None) is not None:
+            self.identity.discard()  # only a throwaway key; --identity files are kept

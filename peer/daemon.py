@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +23,7 @@ from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
 from swarmtrain.dht.node import SwarmNode
-from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
+from swarmtrain.dht.records import Heartbeat, Manifest
 from swarmtrain.expert_pool.client import RemoteDispatcher
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
 from swarmtrain.expert_pool.server import ExpertServer
@@ -54,10 +55,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def wait_for_manifest(directory: SwarmDirectory, timeout_s: float, coordinator: str) -> Manifest:
+def wait_for_manifest(directory: SwarmDirectory, timeout_s: float, coordinator: str,
+                      stop: Optional[threading.Event] = None) -> Manifest:
     """Poll the DHT until the coordinator's signed manifest is visible (it was verified on arrival)."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         manifest = directory.manifest()
         if manifest is not None:
             logger.info(
@@ -69,7 +72,8 @@ def wait_for_manifest(directory: SwarmDirectory, timeout_s: float, coordinator: 
                 f"no manifest signed by coordinator {coordinator} for run {directory.run_id!r} within "
                 f"{timeout_s:.0f}s (wrong --run-id, or a manifest with a bad signature was rejected: see log above)"
             )
-        time.sleep(1.0)
+        stop.wait(1.0)
+    raise ManifestError("stopped while waiting for the manifest")
 
 
 class PeerDaemon:
@@ -81,6 +85,7 @@ class PeerDaemon:
     def __init__(self, options: PeerOptions):
         self.options = options
         self.node: Optional[SwarmNode] = None
+        self.identity: Optional[Identity] = None
         self.server: Optional[ExpertServer] = None
         self.averager: Optional[GossipAverager] = None
         self.trainer: Optional[Trainer] = None
@@ -90,17 +95,18 @@ class PeerDaemon:
 
     def run(self, stop: threading.Event) -> None:
         try:
-            self._start()
-            self._train(stop)
+            self._start(stop)
+            if not stop.is_set():
+                self._train(stop)
         finally:
             self.shutdown()
 
-    def _start(self) -> None:
+    def _start(self, stop: threading.Event) -> None:
         opts = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = pick_device(opts.device)
-        identity = Identity.load_or_create(opts.identity)
+        self.identity = identity = Identity.load_or_create(opts.identity)
         self.node = SwarmNode(
             opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=opts.coordinator,
             host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode,
@@ -111,7 +117,7 @@ class PeerDaemon:
         logger.info(f"peer {self.peer_id} joined the swarm; reachable at {' '.join(self.maddrs)}")
         self.directory = SwarmDirectory(self.node.dht, opts.run_id, self.peer_id)
         self.manifest = manifest = wait_for_manifest(
-            self.directory, opts.manifest_timeout_s, self.node.trusted_coordinator
+            self.directory, opts.manifest_timeout_s, self.node.trusted_coordinator, stop
         )
         self.modalities = tuple(opts.modalities) or manifest.modalities
         foreign = [m for m in self.modalities if m not in manifest.modalities]
@@ -207,7 +213,7 @@ class PeerDaemon:
             if now - last_log >= 10:
                 avg = self.averager.stats()
                 logger.info(
-                    f"step {stats.steps} loss {stats.loss:.3f} val {stats.val_loss:.3f} "
+                    f"step {stats.steps} loss {_fmt(stats.loss)} val {_fmt(stats.val_loss)} "
                     f"{stats.samples_per_s:.1f} samples/s, averaging rounds {avg.rounds} (failed {avg.failures})"
                 )
                 last_log = now
@@ -247,15 +253,19 @@ class PeerDaemon:
             peer_id=self.peer_id, role="peer", public_name=self.options.public_name[:64],
             version=swarmtrain_version(), device=str(self.device), modalities=self.modalities,
             experts=tuple(sorted(self.server.hosted())), maddrs=tuple(self.maddrs[:16]),
-            client_mode=self.options.client_mode, loss=stats.loss, val_loss=stats.val_loss,
-            val_loss_initial=stats.val_loss_initial, losses={k: v for k, v in list(stats.losses.items())[:8]},
+            client_mode=self.options.client_mode, loss=_finite(stats.loss), val_loss=_finite(stats.val_loss),
+            val_loss_initial=_finite(stats.val_loss_initial),
+            losses={k: v for k, v in list(stats.losses.items())[:8] if _finite(v) is not None},
             samples_per_s=stats.samples_per_s, steps=stats.steps, samples=stats.samples,
             averaging_rounds=avg.rounds, averaging_failures=avg.failures,
             averaging_bytes=avg.bytes_sent + avg.bytes_received, started_at=self.started_at, time=time.time(),
         )
 
     def _publish_heartbeat(self) -> None:
-        self.directory.publish(RecordKind.PEERS, self.heartbeat(), self.manifest.training.heartbeat_ttl_s)
+        try:
+            self.directory.publish(RecordKind.PEERS, self.heartbeat(), self.manifest.training.heartbeat_ttl_s)
+        except Exception as e:  # the DHT may be briefly unreachable; the next beat retries
+            logger.warning(f"could not publish the heartbeat: {e}")
 
     def shutdown(self) -> None:
         """Stop every part; safe to call twice and after a failed start."""
@@ -272,4 +282,14 @@ class PeerDaemon:
         if self.node is not None:
             self.node.shutdown()
             self.node = None
+        if self.identity is not None:
+            self.identity.discard()  # only deletes a throwaway key, never one given with --identity
         logger.info("peer stopped")
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -30,6 +30,7 @@ class Demo:
         self.workdir = options.workdir or tempfile.mkdtemp(prefix="swarmtrain-demo-")
         os.makedirs(self.workdir, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self._reported_exits: set[str] = set()
         self.latest: dict[str, dict] = {}  # peer id -> newest heartbeat seen
         self.expert_counts: dict[str, int] = {}
 
@@ -61,11 +62,11 @@ class Demo:
         return self._result(time.monotonic() - started)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "swarmtrain.peer", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
-        )
+        with open(os.path.join(self.workdir, f"{name}.log"), "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "swarmtrain.peer", *args], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            )
         self.processes.append((name, process))
         return process
 
@@ -74,8 +75,8 @@ class Demo:
         args = ["coordinator", "--run-id", self.options.run_id, "--host-maddrs", LOOPBACK,
                 "--identity", os.path.join(self.workdir, "coordinator.key"), "--maddrs-file", maddrs_file,
                 "--checkpoint-dir", os.path.join(self.workdir, "checkpoints"), "--checkpoint-every-s", "60"]
-        if self.options.config:
-            args += ["--config", self.options.config]
+        if self.options.coordinator_config:
+            args += ["--config", self.options.coordinator_config]
         if self.options.dashboard_port:
             args += ["--dashboard-port", str(self.options.dashboard_port)]
         process = self._spawn("coordinator", args)
@@ -112,10 +113,9 @@ class Demo:
         duration = self.options.duration
         while duration == 0 or time.monotonic() - started < duration:
             for name, process in self.processes:
-                if process.poll() is not None:
+                if process.poll() is not None and name not in self._reported_exits:
+                    self._reported_exits.add(name)  # the handle stays: its process group is still killed at the end
                     print(f"{name} exited with code {process.returncode}; see {self.workdir}/{name}.log", flush=True)
-                    self.processes.remove((name, process))
-                    break
             self._observe(observer)
             print(self._progress_line(time.monotonic() - started), flush=True)
             time.sleep(2.0)
@@ -146,7 +146,7 @@ class Demo:
         experts = " ".join(f"{m}:{n}" for m, n in sorted(self.expert_counts.items()))
         return (f"{bar}{elapsed:5.0f}s peers {len(beats)} | experts {experts or '-'} | "
                 f"steps {sum(b['steps'] for b in beats)} | {sum(b['samples_per_s'] for b in beats):.0f} samples/s | "
-                f"loss {_mean(loss):.3f} | val {_mean(val):.3f} (start {_mean(start):.3f}) | "
+                f"loss {_fmt(_mean(loss))} | val {_fmt(_mean(val))} (start {_fmt(_mean(start))}) | "
                 f"averaging rounds {sum(b['averaging_rounds'] for b in beats)}")
 
     def _stop_peers(self, observer: Optional[SwarmObserver]) -> None:
@@ -163,8 +163,8 @@ class Demo:
         if observer is not None:
             try:
                 self._observe(observer)
-            except Exception:
-                pass
+            except Exception as e:  # e.g. the observer's p2pd got the terminal's Ctrl+C too
+                print(f"could not read the peers' final heartbeats ({e}); reporting the last ones seen", flush=True)
 
     def _stop_all(self) -> None:
         for _, process in self.processes:
@@ -198,8 +198,12 @@ class Demo:
         }
 
 
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
+def _mean(values: list[float]) -> Optional[float]:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

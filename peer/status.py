@@ -2,21 +2,26 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
-from swarmtrain.dht.node import SwarmNode
+from swarmtrain.dht.node import DEFAULT_HOST_MADDRS, SwarmNode
 from swarmtrain.dht.records import short_peer_id
 
 
 class SwarmObserver:
     """Joins the swarm in client mode (accepts no connections, serves nothing) and snapshots its records."""
 
-    def __init__(self, run_id: str, initial_peers: Sequence[str], host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)):
+    def __init__(self, run_id: str, initial_peers: Sequence[str], host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
+                 coordinator: Optional[str] = None):
         self.identity = Identity.load_or_create(None)
-        self.node = SwarmNode(run_id, self.identity, initial_peers=initial_peers, client_mode=True,
-                              start_p2p=False, host_maddrs=host_maddrs)
+        try:
+            self.node = SwarmNode(run_id, self.identity, initial_peers=initial_peers, trusted_coordinator=coordinator,
+                                  client_mode=True, start_p2p=False, host_maddrs=host_maddrs)
+        except BaseException:
+            self.identity.discard()
+            raise
         self.directory = SwarmDirectory(self.node.dht, run_id, self.identity.peer_id)
 
     def snapshot(self) -> dict:
@@ -39,7 +44,7 @@ class SwarmObserver:
 
 
 def read_status(options) -> dict:
-    observer = SwarmObserver(options.run_id, options.initial_peers, options.host_maddrs)
+    observer = SwarmObserver(options.run_id, options.initial_peers, options.host_maddrs, options.coordinator)
     try:
         snapshot = observer.snapshot()
         if snapshot["manifest"] is None:  # records may take a moment to reach a fresh node

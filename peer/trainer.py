@@ -8,10 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import logging
+
 import torch
 
 from swarmtrain.averaging.base import ParameterAverager
 from swarmtrain.dht.records import OptimizerSpec
+
+logger = logging.getLogger(__name__)
 
 
 def batch_to(batch, device: torch.device):
@@ -71,15 +75,19 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One training step; returns the task losses of this step."""
         batch = batch_to(self.data.sample(self.batch_size, self.generator), self.device)
-        losses = self.model.losses(batch)
-        total = self.model.total_loss(losses)
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        if not math.isfinite(float(total.detach())):
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            losses = self.model.losses(batch)
+            total = self.model.total_loss(losses)
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            if not math.isfinite(float(total.detach())):
+                raise FloatingPointError(f"non-finite loss {float(total.detach())}")
+            total.backward()
+        except (FloatingPointError, ValueError) as e:  # NaN/Inf in the loss or in expert activations
             self.stats.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
-            return values
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+            logger.warning(f"skipped a training step: {e}")
+            return {}
         with self.lock:
             self.optimizer.step()
         self.stats.steps += 1
@@ -95,16 +103,16 @@ class Trainer:
         self.model.eval()
         try:
             totals: dict[str, float] = {}
-            count = 0
+            counts: dict[str, int] = {}  # modalities may run out of validation data at different batches
             for batch in self.data.validation_batches(self.batch_size)[:max_batches]:
                 losses = self.model.losses(batch_to(batch, self.device))
                 losses.pop("moe_aux", None)
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + float(value)
-                count += 1
+                    counts[name] = counts.get(name, 0) + 1
         finally:
             self.model.train()
-        per_task = {name: value / max(count, 1) for name, value in totals.items()}
+        per_task = {name: value / counts[name] for name, value in totals.items()}
         loss = float(self.model.total_loss({k: torch.tensor(v) for k, v in per_task.items()}))
         self.stats.val_loss, self.stats.val_losses = loss, per_task
         if self.stats.val_loss_initial is None:

@@ -77,3 +77,11 @@ def test_help_documents_every_option():
     for flag in ["--initial-peers", "--modalities", "--device", "--identity", "--public-name", "--max-experts",
                  "--data", "--host-maddrs", "--announce-maddrs", "--client-mode", "--use-auto-relay", "SWARMTRAIN_"]:
         assert flag in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_unknown_flag_is_one_line_exit_2():
+    result = subprocess.run(swarmtrain_cmd("peer", "--no-such-flag"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -113,3 +113,29 @@ def test_validator_accepts_signed_records_and_rejects_forgeries():
         coordinator.shutdown()
         coordinator_id.discard()
         peer_id.discard()
+
+
+def test_records_claiming_a_far_future_expiration_are_rejected():
+    import dataclasses
+
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from swarmtrain.dht.validator import SwarmRecordValidator
+
+    owner = Identity.load_or_create(None)
+    try:
+        validator = SwarmRecordValidator("r", owner)
+        value = MSGPackSerializer.dumps(Heartbeat(peer_id=owner.peer_id).model_dump(mode="json"))
+        record = DHTRecord(DHTID.generate(source=dht_key("r", RecordKind.PEERS)).to_bytes(),
+                           MSGPackSerializer.dumps(owner.peer_id), value, get_dht_time() + 30)
+        assert validator.validate(dataclasses.replace(record, value=validator.sign_value(record)))
+        forever = dataclasses.replace(record, expiration_time=get_dht_time() + 10 * 365 * 86400)
+        assert not validator.validate(dataclasses.replace(forever, value=validator.sign_value(forever)))
+        # a signature made for one expiration does not cover another (no replay with a longer life)
+        replay = dataclasses.replace(record, value=validator.sign_value(record), expiration_time=record.expiration_time + 60)
+        assert not validator.validate(replay)
+    finally:
+        owner.discard()
