@@ -49,7 +49,7 @@ from swarmtrain.expert_pool.wire import (
 )
 
 logger = logging.getLogger(__name__)
-MAX_SESSION_CALLS = 1024  # calls in flight on one session; more are refused until some complete
+MAX_SESSION_CALLS = 64  # calls in flight on one session; the stream is not read further until some complete
 _INPUTS: dict[str, tuple[str, ...]] = {"forward": ("x",), "backward": ("x", "grad_out")}
 
 
@@ -197,8 +197,12 @@ class ExpertServer(ServicerBase):
     async def rpc_session(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Many forward/backward calls on one stream; each response carries its call's ``id``."""
-        outgoing: asyncio.Queue = asyncio.Queue()
+        """Many forward/backward calls on one stream; each response carries its call's ``id``.
+
+        Back-pressure: at most ``MAX_SESSION_CALLS`` calls are in flight per session and responses wait in a short
+        queue, so a caller that sends without reading stalls its own stream instead of filling our memory.
+        """
+        outgoing: asyncio.Queue = asyncio.Queue(maxsize=4 * MAX_SESSION_CALLS)
         tasks: set[asyncio.Task] = set()
 
         async def serve(call: Call) -> None:
@@ -207,19 +211,17 @@ class ExpertServer(ServicerBase):
             if call.error is not None:
                 messages = self._refuse(str(verb), call.error, context, tag)
             elif verb not in _INPUTS:
-                reason = f"unknown verb {verb!r}: expected forward or backward"
-                messages = self._refuse(str(verb), reason, context, tag)
-            elif len(tasks) > MAX_SESSION_CALLS:
-                reason = f"more than {MAX_SESSION_CALLS} calls in flight on one session"
-                messages = self._refuse(verb, reason, context, tag)
+                messages = self._refuse(str(verb), f"unknown verb {verb!r}: expected forward or backward", context, tag)
             else:
                 messages = await self._process(verb, call, context, tag)
             for message in messages:
-                outgoing.put_nowait(message)
+                await outgoing.put(message)
 
         async def read() -> None:
             try:
                 async for call in iter_calls(requests, max_bytes=self._max_request_bytes(2)):
+                    while len(tasks) >= MAX_SESSION_CALLS:
+                        await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                     task = asyncio.create_task(serve(call))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -228,7 +230,7 @@ class ExpertServer(ServicerBase):
             finally:
                 if tasks:
                     await asyncio.wait(set(tasks))
-                outgoing.put_nowait(None)
+                await outgoing.put(None)
 
         reader = asyncio.create_task(read())
         try:
