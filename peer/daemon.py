@@ -88,6 +88,7 @@ class PeerDaemon:
         self.identity: Optional[Identity] = None
         self.server: Optional[ExpertServer] = None
         self.averager: Optional[GossipAverager] = None
+        self.dispatcher: Optional[RemoteDispatcher] = None
         self.trainer: Optional[Trainer] = None
         self._maintenance: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -131,8 +132,10 @@ class PeerDaemon:
         self.registry = ExpertRegistry(self.directory, self.server, ttl_s=ttl)
         self._host_experts(initial=True)
 
-        dispatcher = RemoteDispatcher(self.node.p2p, self.node.loop, self.registry, manifest, local_server=self.server)
-        self.model = SwarmModel(manifest, dispatcher).to(self.device)
+        self.dispatcher = RemoteDispatcher(
+            self.node.p2p, self.node.loop, self.registry, manifest, local_server=self.server
+        )
+        self.model = SwarmModel(manifest, self.dispatcher).to(self.device)
         self.lock = threading.Lock()
         self.averager = GossipAverager(
             self.node, self.directory, [p.data for p in self.model.parameters()], self.lock, manifest.averaging, ttl_s=ttl
@@ -171,11 +174,13 @@ class PeerDaemon:
         self.registry.refresh()
         uids = self.manifest.expert_uids(self.modalities)
         hosted = set(self.server.hosted())
+        served = self.registry.served_counts(uids)
+        unserved = [uid for uid in uids if uid not in hosted and served.get(uid, 0) == 0]
+        if unserved and len(hosted) >= self.options.max_experts:
+            hosted -= self._release_replicas(hosted, served, len(unserved))
         capacity = self.options.max_experts - len(hosted)
         if capacity <= 0:
             return
-        served = self.registry.served_counts(uids)
-        unserved = [uid for uid in uids if uid not in hosted and served.get(uid, 0) == 0]
         chosen = choose_experts_to_host(unserved, served, capacity, self.peer_id)
         if initial:
             hosts = {peer for peer, record in self.directory.experts().items() if peer != self.peer_id and record.experts}
@@ -189,6 +194,23 @@ class PeerDaemon:
         if chosen:
             logger.info(f"hosting experts {', '.join(chosen)}")
             self.registry.publish()
+
+    def _release_replicas(self, hosted: set[str], served: dict[str, int], wanted: int) -> set[str]:
+        """Stop hosting up to ``wanted`` experts that others also host, to make room for unserved ones.
+
+        Of an expert's hosts only the one with the greatest peer id lets go, so two replicas never drop together.
+        """
+        released = set()
+        for uid in sorted(hosted):
+            if len(released) >= wanted:
+                break
+            hosts = [peer for peer, _ in self.registry.hosts(uid)]
+            if served.get(uid, 0) >= 2 and self.peer_id in hosts and self.peer_id == max(hosts):
+                self.server.remove_expert(uid)
+                released.add(uid)
+        if released:
+            logger.info(f"released replicas {', '.join(sorted(released))} to host experts nobody serves")
+        return released
 
     def _train(self, stop: threading.Event) -> None:
         opts, training = self.options, self.manifest.training
@@ -272,13 +294,14 @@ class PeerDaemon:
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join(timeout=10)
-        for part in (self.averager, self.server):
-            if part is not None:
+        for stop_part in (getattr(self.dispatcher, "close", None), getattr(self.averager, "shutdown", None),
+                          getattr(self.server, "shutdown", None)):
+            if stop_part is not None:
                 try:
-                    part.shutdown()
+                    stop_part()
                 except Exception as e:
-                    logger.warning(f"error while stopping {type(part).__name__}: {e}")
-        self.averager = self.server = None
+                    logger.warning(f"error while stopping {stop_part.__qualname__}: {e}")
+        self.dispatcher = self.averager = self.server = None
         if self.node is not None:
             self.node.shutdown()
             self.node = None

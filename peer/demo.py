@@ -20,6 +20,8 @@ from typing import Optional
 from swarmtrain.peer.status import SwarmObserver
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+# several processes share few cores: OpenMP threads that spin while waiting steal them from the others
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 
 class Demo:
@@ -66,6 +68,7 @@ class Demo:
             process = subprocess.Popen(
                 [sys.executable, "-m", "swarmtrain.peer", *args], stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                env=dict(os.environ, **CHILD_ENV),
             )
         self.processes.append((name, process))
         return process

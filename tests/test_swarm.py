@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -57,7 +56,7 @@ class Swarm:
 def swarm(tmp_path_factory):
     swarm = Swarm(tmp_path_factory.mktemp("swarm"))
     swarm.start_peer("alice", "--max-experts", "8", "--data-shard", "0/2")
-    time.sleep(2)
+    wait_for(lambda: "hosting experts" in swarm.log("alice"), 90, what="alice to choose her experts")
     swarm.start_peer("bob", "--max-experts", "8", "--data-shard", "1/2")
     yield swarm
     for process in swarm.peers.values():
@@ -114,6 +113,52 @@ def test_averaging_rounds_happen_between_peers(swarm):
 
     peers = wait_for(averaged, 120, interval=3, what="averaging rounds on both peers")
     assert peers["alice"]["averaging_bytes"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_an_exchange_with_a_live_peer_pulls_parameters_toward_each_other(swarm):
+    """A real averaging exchange between this test process and the peer process alice."""
+    import threading
+
+    import torch
+
+    from swarmtrain.averaging.gossip import GossipAverager
+    from swarmtrain.dht.directory import SwarmDirectory
+    from swarmtrain.dht.identity import Identity
+    from swarmtrain.dht.node import SwarmNode
+    from swarmtrain.dht.records import Manifest
+    from swarmtrain.expert_pool.dispatch import LocalDispatcher
+    from swarmtrain.peer.model import SwarmModel
+
+    status = swarm.status()
+    alice = [peer for peer, hb in status["peers"].items() if hb["public_name"] == "alice"][0]
+    manifest = Manifest.model_validate(status["manifest"])
+    identity = Identity.load_or_create(None)
+    node = SwarmNode(RUN, identity, initial_peers=[swarm.maddr], host_maddrs=[LOOPBACK])
+    try:
+        params = [p.data for p in SwarmModel(manifest, LocalDispatcher({})).parameters()]
+        averager = GossipAverager(node, SwarmDirectory(node.dht, RUN, identity.peer_id), params, threading.Lock(),
+                                  manifest.averaging, seed=0)
+        try:
+            assert averager.load_state_from_peers()  # start from the swarm's current parameters...
+            torch.manual_seed(0)
+            deltas = [0.2 * torch.randn_like(p) for p in params]
+            for p, delta in zip(params, deltas):
+                p.add_(delta)  # ...then step away from them
+            before = torch.cat([p.flatten() for p in params]).clone()
+            outcome = averager.average_once(alice)
+            assert outcome == "ok", outcome
+            after = torch.cat([p.flatten() for p in params])
+        finally:
+            averager.shutdown()
+    finally:
+        node.shutdown()
+        identity.discard()
+    moved, delta = after - before, torch.cat([d.flatten() for d in deltas])
+    # one exchange with alice pulls us back toward the swarm (about half way for equal push-sum weights)
+    assert 0.3 * delta.norm() < moved.norm() < 1.0 * delta.norm(), (moved.norm(), delta.norm())
+    assert torch.nn.functional.cosine_similarity(moved, -delta, dim=0) > 0.8
+    assert averager.stats().rounds == 1 and averager.stats().bytes_received > 0
 
 
 @pytest.mark.timeout(120)
