@@ -23,8 +23,8 @@ from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
 from swarmtrain.dht.node import SwarmNode
-from swarmtrain.dht.records import Heartbeat, Manifest
-from swarmtrain.expert_pool.client import RemoteDispatcher
+from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
+from swarmtrain.expert_pool.client import RemoteDispatcher, fetch_expert_state
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
@@ -191,9 +191,23 @@ class PeerDaemon:
                 chosen += choose_experts_to_host(replicas, served, room, self.peer_id)
         for uid in chosen:
             self.server.add_expert(uid)
+            self._copy_replica_state(uid)
         if chosen:
             logger.info(f"hosting experts {', '.join(chosen)}")
             self.registry.publish()
+
+    def _copy_replica_state(self, uid: str) -> None:
+        """A new replica starts from the state of a live one, when there is one (else the seeded init)."""
+        for host, _load in self.registry.hosts(uid):
+            if host == self.peer_id:
+                continue
+            try:
+                state = self.node.loop.run(fetch_expert_state(self.node.p2p, host, uid), timeout=30)
+                self.server.load_state_dict(uid, state)
+                logger.info(f"expert {uid}: copied the state of the replica at {short_peer_id(host)}")
+                return
+            except Exception as e:
+                logger.warning(f"expert {uid}: could not copy the replica at {short_peer_id(host)}: {e}")
 
     def _release_replicas(self, hosted: set[str], served: dict[str, int], wanted: int) -> set[str]:
         """Stop hosting up to ``wanted`` experts that others also host, to make room for unserved ones.
