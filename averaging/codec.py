@@ -184,16 +184,19 @@ class ErrorFeedback:
         self._pending: Optional[torch.Tensor] = None  # e_{t+1}, being written during an exchange
 
     def compensate(self, lo: int, x: torch.Tensor) -> torch.Tensor:
-        """``x + e[lo:lo+len(x)]`` (a new tensor; ``x`` itself is left unchanged)."""
+        """``x + e[lo:lo+len(x)]`` (``x`` itself while there are no residuals yet; never modified)."""
         if self.residual is None:
-            return x.clone()
+            return x
         return x + self.residual[lo : lo + x.numel()]
 
-    def update(self, lo: int, meant: torch.Tensor, decoded: torch.Tensor) -> None:
-        """Remember what encoding dropped from ``meant`` (the compensated vector) over ``[lo, lo+len)``."""
+    def update(self, lo: int, meant: torch.Tensor, decoded: torch.Tensor) -> float:
+        """Remember what encoding dropped from ``meant`` (the compensated vector) over ``[lo, lo+len)``;
+        returns the squared L2 norm of what was dropped."""
         if self._pending is None:
             self._pending = torch.zeros(self.numel, dtype=torch.float32)
-        torch.sub(meant, decoded, out=self._pending[lo : lo + meant.numel()])
+        dropped = self._pending[lo : lo + meant.numel()]
+        torch.sub(meant, decoded, out=dropped)
+        return float(torch.dot(dropped, dropped))
 
     def commit(self) -> None:
         """The message was used: the residuals written since the last commit become current."""

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
+import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
@@ -53,17 +54,19 @@ class Outcome:
 
 
 async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str,
-                   local_step: Callable[[], int]) -> str:
+                   local_step: Callable[[], int], unchanged_if: Optional[tuple[int, int]] = None,
+                   partner: Optional[dict] = None) -> str:
     """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
     bad data, LocalDataError if our own values are not finite, TimeoutError when the partner stalls past
     ``spec.timeout_s`` and ConnectionError (or another p2p error) when it goes away. Parameters change only on
     "ok". There is no await between the partner's "done" and our own half, so no timeout or shutdown can
-    separate the two halves of an exchange (only a "done" lost on the wire can)."""
+    separate the two halves of an exchange (only a "done" lost on the wire can). ``partner`` receives the
+    partner's ``state`` (exchanges applied, local step) from its "accept"."""
     outbox: asyncio.Queue = asyncio.Queue()
     spec = replica.spec
     deadline = asyncio.get_running_loop().time() + spec.timeout_s
     hello = protocol.hello(group, replica.numel, replica.layout, spec.codec, spec.blocksize, spec.chunk_elems,
-                           replica.weight)
+                           replica.weight, (replica.version, local_step()), unchanged_if)
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield meter.out(hello)
@@ -76,13 +79,19 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     try:
         kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("accept", "refuse"))
         if kind == "refuse":
-            if meta.get("reason") in ("busy", "banned"):
-                return "busy"
+            if meta.get("reason") in ("busy", "banned", "unchanged"):
+                return "unchanged" if meta.get("reason") == "unchanged" else "busy"
             raise Rejected(f"partner refused: {meta.get('reason')}")
         weight_p = protocol.field(meta, "weight", float, low=1e-9, high=1e9)
+        state = meta.get("state")
+        if partner is not None and isinstance(state, list) and len(state) == 2:
+            partner["state"] = (int(state[0]), int(state[1]))
+        sample = meta.get("sample")
+        partner_sample = _sample_tensor(sample) if isinstance(sample, bytes) else torch.empty(0)
+        precise = await replica.call(replica.precise_values, partner_sample)
         step0 = local_step()
         snapshot = torch.empty(replica.numel) if replica.outer is not None else None
-        sender = asyncio.create_task(_send_values(replica, outbox, snapshot))
+        sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise))
         try:
             received = await _receive_answers(replica, stream, meter, deadline)
             own_norm, sent_norm, q8_err = await sender
@@ -107,12 +116,12 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         if kind == "refuse":
             raise Rejected(f"partner refused to commit: {meta.get('reason')}")
         applied = True
-        replica.after_exchange(True, distance, own_norm, q8_err)
+        replica.after_exchange(True, own_norm, q8_err)
         await asyncio.shield(replica.call(replica.apply_mixing, received, weight_p, factor, 1.0, snapshot))
         return "ok"
     finally:
         if not applied:
-            replica.after_exchange(False, 0.0, 0.0, None)
+            replica.after_exchange(False)
         if sender is not None and not sender.done():
             sender.cancel()
         with contextlib.suppress(Exception):
@@ -120,7 +129,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
 
 
 async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, meter: Meter, outcome: Outcome,
-                still_ours: Callable[[], bool]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+                still_ours: Callable[[], bool], local_step: int = 0) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """Serve one exchange as the partner after an accepted ``hello``; the end is recorded in ``outcome``.
 
     ``still_ours()`` turns False when the averager gave up on this exchange (it ran past the timeout): then
@@ -131,7 +140,9 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
     timeout = replica.spec.timeout_s
     outcome.weight = hello["weight"]
     try:
-        yield protocol.response("accept", weight=replica.weight)
+        sample = await replica.call(replica.sample)
+        yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step],
+                                sample=sample.numpy().tobytes())
         received = torch.empty(replica.numel)
         snapshot = torch.empty(replica.numel) if replica.outer is not None else None
         own_sq = their_sq = 0.0
@@ -265,12 +276,13 @@ async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline
     return received
 
 
-async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor]):
+async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor],
+                       precise: bool):
     """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||, 8-bit error or None)."""
     own_sq = sent_sq = 0.0
     q8_sq, any_q8 = 0.0, False
     for segment in replica.segments:
-        codec = replica.value_codec(segment)
+        codec = replica.value_codec(segment, precise)
         try:
             message, x, x_sq, a_sq, err_sq = await replica.call(replica.encode_own, segment, codec)
         except LocalDataError as e:
@@ -304,3 +316,11 @@ async def _next(stream, meter: Meter, deadline: Optional[float] = None):
 async def _until_closed(stream) -> None:
     async for _ in stream:
         pass
+
+
+def _sample_tensor(data: bytes) -> torch.Tensor:
+    """The partner's sampled values (float32 bytes); an empty tensor if malformed (then no estimate is made)."""
+    if len(data) % 4:
+        return torch.empty(0)
+    values = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+    return values if bool(torch.isfinite(values).all()) else torch.empty(0)

@@ -45,8 +45,8 @@ class FlatParams:
             out[start : start + (b - a)].copy_(self.params[i].reshape(-1)[a:b])
         return out
 
-    def add_(self, lo: int, delta: torch.Tensor) -> None:
-        """Add the float32 vector ``delta`` to flat elements ``[lo, lo + len(delta))`` in place."""
+    def add_(self, lo: int, delta: torch.Tensor, alpha: float = 1.0) -> None:
+        """Add ``alpha *`` the float32 vector ``delta`` to flat elements ``[lo, lo + len(delta))`` in place."""
         hi = lo + delta.numel()
         self._check_range(lo, hi)
         for i, a, b in self._pieces(lo, hi):
@@ -54,9 +54,20 @@ class FlatParams:
             start = self.offsets[i] + a - lo
             update = delta[start : start + (b - a)].to(device=p.device, dtype=p.dtype)
             if p.is_contiguous():
-                p.view(-1)[a:b].add_(update)
+                p.view(-1)[a:b].add_(update, alpha=alpha)
             else:
-                _strided_add(p, a, b, update)
+                _strided_add(p, a, b, update * alpha)
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """A float32 CPU copy of the flat elements at sorted ``indices`` (int64)."""
+        out = torch.empty(indices.numel(), dtype=torch.float32)
+        bounds = torch.tensor(self.offsets, dtype=torch.int64)
+        cuts = torch.searchsorted(indices, bounds).tolist()
+        for i, p in enumerate(self.params):
+            a, b = cuts[i], cuts[i + 1]
+            if b > a:
+                out[a:b] = p.reshape(-1)[indices[a:b] - self.offsets[i]].to(torch.float32).cpu()
+        return out
 
     def copy_(self, flat: torch.Tensor) -> None:
         """Overwrite every parameter with the matching range of the float32 vector ``flat``."""

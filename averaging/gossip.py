@@ -117,6 +117,8 @@ class GossipAverager(ServicerBase):
         self._local_step = self._samples = 0
         self._session: Optional[object] = None  # token of the exchange in progress (either role)
         self._last_met: dict[str, float] = {}
+        # peer -> (our state, its state) right after our last exchange: if neither changed, the pair agrees
+        self._synced: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._counts = dict(rounds=0, failures=0, served=0, busy=0, rejected=0, stale_dropped=0)
         self._last_partner: Optional[str] = None
         self._last_round_s: Optional[float] = None
@@ -168,8 +170,8 @@ class GossipAverager(ServicerBase):
     def average_once(self, peer: Optional[str] = None) -> str:
         """Run one exchange now, as the initiator, with ``peer`` or with a partner chosen as the clock would.
 
-        Returns "ok", "busy", "failed", "rejected", "stale", "local" (our own values are not finite) or "alone"
-        (no partner). For tests, benchmarks and
+        Returns "ok", "busy", "unchanged" (the partner and we still agree since our last exchange), "failed",
+        "rejected", "stale", "local" (our own values are not finite) or "alone" (no partner). For tests, benchmarks and
         for flushing before a checkpoint; the background clock does the same every ``spec.period_s``.
         """
         return self.node.loop.run(self._round(peer), timeout=3 * self.spec.timeout_s + 30)
@@ -205,6 +207,9 @@ class GossipAverager(ServicerBase):
             reason = "banned" if self.penalties.banned(remote) else "busy"
             yield self.meter.out(protocol.response("refuse", reason=reason))
             return
+        if hello.get("unchanged_if") == [self.replica.version, self._local_step]:
+            yield self.meter.out(protocol.response("refuse", reason="unchanged"))
+            return
         token = self._session = object()
         # a dead initiator can leave the stream blocked in a write that never times out: give up on our side
         outcome = Outcome()
@@ -213,13 +218,16 @@ class GossipAverager(ServicerBase):
         )
         try:
             async for message in exchange.serve(self.replica, hello, requests, self.meter, outcome,
-                                                lambda: self._session is token):
+                                                lambda: self._session is token, self._local_step):
                 yield self.meter.out(message)
         finally:
             watchdog.cancel()
             if self._session is token:
                 self._session = None
                 self._record(remote, outcome.result, outcome.error, served=True)
+                state = hello.get("state")
+                if outcome.result == "ok" and isinstance(state, list) and len(state) == 2:
+                    self._synced[remote] = (self._state(), (int(state[0]) + 1, int(state[1])))
 
     async def rpc_state(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -284,7 +292,7 @@ class GossipAverager(ServicerBase):
             if self.busy:
                 return "busy"
             outcome = await self._initiate(partner)
-            if outcome != "busy":
+            if outcome not in ("busy", "unchanged"):
                 break
         return outcome
 
@@ -293,11 +301,18 @@ class GossipAverager(ServicerBase):
         token = self._session = object()
         started = time.perf_counter()
         stub = self.get_stub(self.node.p2p, PeerID.from_base58(peer), namespace=self.namespace)
+        synced = self._synced.get(peer)
+        unchanged_if = synced[1] if synced is not None and synced[0] == self._state() else None
+        partner: dict = {}
         why = ""
         try:  # initiate() enforces spec.timeout_s per step itself: an outer timeout could split an exchange
             outcome = await exchange.initiate(
-                self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step
+                self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step, unchanged_if,
+                partner,
             )
+            if outcome == "ok" and "state" in partner:
+                version, step = partner["state"]
+                self._synced[peer] = (self._state(), (version + 1, step))
         except asyncio.TimeoutError:
             outcome, why = "failed", f"no answer within {self.spec.timeout_s}s"
         except LocalDataError as e:
@@ -309,12 +324,16 @@ class GossipAverager(ServicerBase):
         finally:
             if self._session is token:
                 self._session = None
-        if outcome != "busy":
+        if outcome not in ("busy", "unchanged"):
             self._last_met[peer] = time.monotonic()
         self._record(peer, outcome, why)
         if outcome == "ok":
             self._last_round_s = time.perf_counter() - started
         return outcome
+
+    def _state(self) -> tuple[int, int]:
+        """(exchanges applied, local step): changes whenever our parameters may have."""
+        return self.replica.version, self._local_step
 
     def _record(self, peer: str, outcome: str, why: str, served: bool = False) -> None:
         """Count an exchange's outcome and reward or penalize the partner."""
@@ -324,7 +343,7 @@ class GossipAverager(ServicerBase):
             self._last_partner = peer
             self._last_met[peer] = time.monotonic()
             self.penalties.forgive(peer)
-        elif outcome == "busy":
+        elif outcome in ("busy", "unchanged"):
             self._counts["busy"] += 1
         elif outcome == "stale":
             self._counts["stale_dropped"] += 1

@@ -6,7 +6,7 @@ whose ``metadata`` is a msgpack map with a type tag ``t``; chunks carry one enco
 
     initiator                                   partner
     hello {group, numel, layout, codec, ...} ->
-                                             <- accept {weight} | refuse {reason}
+                                             <- accept {weight, state, sample} | refuse {reason}
     chunk {o} + A[o:o+n]  (its values)     ->
                                              <- chunk {o} + B[o:o+n]  (partner values - decoded A)
     ... (pipelined, one reply per chunk)
@@ -43,10 +43,14 @@ def response(kind: str, tensor: Optional[runtime_pb2.Tensor] = None, **fields: A
     return runtime_pb2.ExpertResponse(tensors=[tensor] if tensor is not None else [], metadata=_pack(kind, fields))
 
 
-def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, chunk_elems: int, weight: float):
-    """The first message of an exchange: what the initiator averages (group, layout) and how (codec, chunking)."""
+def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, chunk_elems: int, weight: float,
+          state: tuple[int, int] = (0, 0), unchanged_if: Optional[tuple[int, int]] = None):
+    """The first message of an exchange: what the initiator averages (group, layout), how (codec, chunking), its
+    push-sum weight and state (exchanges applied, local step); with ``unchanged_if`` the partner refuses
+    ("unchanged") if its own state is still that one, i.e. the pair already agrees."""
     return request("hello", v=PROTOCOL_VERSION, group=group, numel=numel, layout=layout, codec=codec,
-                   blocksize=blocksize, chunk_elems=chunk_elems, weight=weight)
+                   blocksize=blocksize, chunk_elems=chunk_elems, weight=weight, state=list(state),
+                   unchanged_if=list(unchanged_if) if unchanged_if is not None else None)
 
 
 def parse(message, expected: tuple[str, ...]) -> tuple[str, dict, Optional[runtime_pb2.Tensor]]:

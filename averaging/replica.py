@@ -21,6 +21,10 @@ from swarmtrain.averaging.flat import FlatParams
 from swarmtrain.dht.records import AveragingSpec
 
 
+SAMPLE_SIZE = 4096  # elements sampled to estimate the distance to a partner before sending our values
+PRECISION_MARGIN = 8.0  # float16 values when the partner is closer than this many 8-bit quantization errors
+
+
 class LocalReplica:
     """The local parameters as the averaging protocol sees them.
 
@@ -39,10 +43,10 @@ class LocalReplica:
         self.segments = self.plan(spec.codec, spec.chunk_elems, spec.blocksize)
         self.feedback = ErrorFeedback(self.flat.numel)
         self.weight = 1.0  # push-sum weight (rules.mixing)
-        # codec "8bit": send our values as float16 while the last partner was within a few 8-bit quantization
-        # errors of us (then 8-bit values would limit how close the pair can get); differences stay 8-bit
-        self.precise = False
+        self.version = 0  # exchanges applied so far: with the trainer's step, says whether our values changed
         self.q8_rel = 0.013  # last measured relative L2 error of our values under 8-bit blockwise encoding
+        m = min(SAMPLE_SIZE, self.flat.numel)  # evenly spread elements for estimating distances cheaply
+        self.sample_indices = torch.arange(m, dtype=torch.int64) * self.flat.numel // m
         self.outer: Optional[rules.OuterNesterov] = None  # diloco mode only, see start_outer
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"avg-{name}")
         if spec.codec == "8bit":
@@ -84,9 +88,26 @@ class LocalReplica:
             self._plans[key] = plan_segments([p.numel() for p in self.flat.params], codec, chunk_elems, blocksize)
         return self._plans[key]
 
-    def value_codec(self, segment: Segment) -> str:
-        """How the initiator encodes its values for ``segment`` this time (see ``precise``)."""
-        return "fp16" if segment.codec == "8bit" and self.precise else segment.codec
+    def sample(self) -> torch.Tensor:
+        """Our values at ``sample_indices`` (sent with "accept", so the initiator can estimate the distance)."""
+        with self.lock:
+            return self.flat.gather(self.sample_indices)
+
+    def precise_values(self, partner_sample: torch.Tensor) -> bool:
+        """Codec "8bit": whether to send our values as float16 this time. Yes when the partner is within
+        ``PRECISION_MARGIN`` times our 8-bit quantization error (estimated from the samples): then 8-bit values
+        would keep the pair about that error apart; the differences the partner answers stay 8-bit."""
+        if self.spec.codec != "8bit" or partner_sample.numel() != self.sample_indices.numel():
+            return False
+        ours = self.sample()
+        scale = self.flat.numel / max(1, ours.numel())
+        distance = math.sqrt(scale * float(torch.sum((ours - partner_sample) ** 2)))
+        norm = math.sqrt(scale * float(torch.dot(ours, ours)))
+        return distance < PRECISION_MARGIN * self.q8_rel * norm
+
+    def value_codec(self, segment: Segment, precise: bool) -> str:
+        """How the initiator encodes its values for ``segment`` (float16 instead of 8-bit when ``precise``)."""
+        return "fp16" if segment.codec == "8bit" and precise else segment.codec
 
     def encode_own(self, segment: Segment, codec: str):
         """Initiator: (message, our values x, ||x||^2, ||A||^2, squared encoding error) for ``segment``, with
@@ -99,8 +120,8 @@ class LocalReplica:
             return message, x, own_sq, own_sq, 0.0
         meant = self.feedback.compensate(segment.lo, x)
         message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False)
-        self.feedback.update(segment.lo, meant, decoded)
-        return message, x, own_sq, float(torch.dot(decoded, decoded)), float(torch.dist(meant, decoded)) ** 2
+        err_sq = self.feedback.update(segment.lo, meant, decoded)
+        return message, x, own_sq, float(torch.dot(decoded, decoded)), err_sq
 
     def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int):
         """Partner: decode the initiator's values ``a`` for ``segment`` and answer ``b = x - a`` encoded with the
@@ -113,15 +134,14 @@ class LocalReplica:
         reply, b = encode(x - theirs, segment.codec, blocksize, check_finite=False)
         return reply, x, b, own_sq, float(torch.dot(theirs, theirs))
 
-    def after_exchange(self, ok: bool, distance: float, own_norm: float, q8_err: Optional[float]) -> None:
-        """Initiator bookkeeping: keep or drop the error-feedback residuals; choose the next value codec."""
+    def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:
+        """Initiator bookkeeping: keep or drop the error-feedback residuals; remember the 8-bit error."""
         if not ok:
             self.feedback.discard()
             return
         self.feedback.commit()
         if q8_err is not None and own_norm > 0:
             self.q8_rel = q8_err / own_norm
-        self.precise = self.spec.codec == "8bit" and distance < 4 * self.q8_rel * own_norm
 
     def commit_factor(self, tau: int, distance: float, own_norm: float, sent_norm: float):
         """Initiator: (mixing factor, None) or (0, reason to abort) for a partner at L2 ``distance``."""
@@ -133,18 +153,18 @@ class LocalReplica:
         clip = None if self.spec.clip_rel is None else self.spec.clip_rel * max(own_norm, 1e-12)
         return factor * rules.clip_factor(distance, clip), None
 
-    def apply(self, delta: torch.Tensor, snapshot: Optional[torch.Tensor]) -> None:
-        """Add the pair-averaging move ``delta`` to the live parameters, chunk by chunk under the lock (so the
-        trainer never waits long); in diloco mode move to the outer optimizer's new point instead, relative to
-        the values ``snapshot`` the exchange was computed from."""
+    def apply(self, delta: torch.Tensor, snapshot: Optional[torch.Tensor], alpha: float = 1.0) -> None:
+        """Add the pair-averaging move ``alpha * delta`` to the live parameters, chunk by chunk under the lock (so
+        the trainer never waits long); in diloco mode move to the outer optimizer's new point instead, relative
+        to the values ``snapshot`` the exchange was computed from."""
         if self.outer is not None:
             if snapshot is None:
                 raise ValueError("diloco mode needs the snapshot the exchange was computed from")
-            delta = self.outer.step(snapshot + delta) - snapshot
+            delta, alpha = self.outer.step(snapshot + alpha * delta) - snapshot, 1.0
         step = self.spec.chunk_elems
         for lo in range(0, self.flat.numel, step):
             with self.lock:
-                self.flat.add_(lo, delta[lo : lo + step])
+                self.flat.add_(lo, delta[lo : lo + step], alpha=alpha)
 
     def apply_mixing(self, received: torch.Tensor, other_weight: float, factor: float, sign: float,
                      snapshot: Optional[torch.Tensor]) -> None:
@@ -152,8 +172,9 @@ class LocalReplica:
         +1 for the initiator, whose ``received`` is ``x_p - x_s``; -1 for the partner) and update the weight,
         in one call so that nothing can separate the two."""
         alpha, new_weight = rules.mixing(self.weight, other_weight, factor)
-        self.apply(received.mul_(sign * alpha), snapshot)
+        self.apply(received, snapshot, alpha=sign * alpha)
         self.weight = new_weight
+        self.version += 1
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -59,7 +59,7 @@ class Setup:
     n: int
     numel: int
     initial_peers: list
-    chunk_elems: int = 1 << 18
+    chunk_elems: int = 1 << 20
 
 
 @dataclass
@@ -101,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.015, help="rel. L2 distance to the exact mean")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds before a round of ours counts failed")
-    parser.add_argument("--chunk-elems", type=int, default=1 << 18)
+    parser.add_argument("--chunk-elems", type=int, default=1 << 20)
     parser.add_argument("--codec-numel", type=int, default=10_000_000)
     parser.add_argument("--codec-repeats", type=int, default=5)
     parser.add_argument("--skip-hivemind", action="store_true")
@@ -342,9 +342,12 @@ class OursPeer:
                                   failures=stats.failures + stats.rejected))
 
     def _exchange_loop(self) -> None:
+        import random
+
+        rng = random.Random(self.setup.rank)
         while not self.stop.is_set():
-            if self.averager.average_once() in ("busy", "alone"):
-                time.sleep(0.002)
+            if self.averager.average_once() in ("busy", "unchanged", "alone"):
+                time.sleep(rng.uniform(0.001, 0.01))  # jitter, so that two peers calling each other desynchronize
 
     def _monitor(self) -> None:
         seen = -1

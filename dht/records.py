@@ -75,7 +75,7 @@ class AveragingSpec(_Strict):
     # wire encoding of exchanges: float32, float16, or 8-bit blockwise (tensors < 4096 elements as float16)
     codec: Literal["none", "fp16", "8bit"] = "none"
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 4096
-    chunk_elems: int = Field(1 << 18, ge=4096, le=1 << 24)  # elements per streamed message
+    chunk_elems: int = Field(1 << 20, ge=4096, le=1 << 24)  # elements per streamed message
     staleness_scaling: bool = True  # scale an exchange by 1/sqrt(1 + local steps since its snapshot)
     max_staleness: int = Field(256, ge=0)  # drop an exchange older than this many local steps
     max_rel_distance: Finite = Field(4.0, gt=0)  # reject partners farther than this x the parameter norm
