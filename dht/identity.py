@@ -67,9 +67,14 @@ class Identity:
         public_key = encode_public_key(key.public_key())
         return cls(path=path, private_key=key, peer_id=peer_id_from_public_key(public_key), public_key=public_key)
 
+    @property
+    def is_throwaway(self) -> bool:
+        """True for a key made by ``load_or_create(None)`` (a new peer id every run)."""
+        return os.path.basename(self.path).startswith(_THROWAWAY_PREFIX)
+
     def discard(self) -> None:
-        """Delete the key file of a throwaway identity (one made by ``load_or_create(None)``)."""
-        if os.path.basename(self.path).startswith(_THROWAWAY_PREFIX) and os.path.exists(self.path):
+        """Delete the key file of a throwaway identity; a key file the user gave is never deleted."""
+        if self.is_throwaway and os.path.exists(self.path):
             os.unlink(self.path)
 
     def sign(self, data: bytes) -> bytes:

@@ -129,9 +129,13 @@ class SwarmNode:
         self.identity = identity
         self.trusted_coordinator = trusted_coordinator or identity.peer_id
         self.validator = SwarmRecordValidator(run_id, identity, self.trusted_coordinator)
-        self.dht = self._start_dht(
-            initial, hosts, announce, client_mode, use_relay, use_auto_relay, bootstrap_attempts, bootstrap_backoff_s
-        )
+        try:
+            self.dht = self._start_dht(
+                initial, hosts, announce, client_mode, use_relay, use_auto_relay, bootstrap_attempts,
+                bootstrap_backoff_s,
+            )
+        finally:
+            identity.discard()  # p2pd has read a throwaway key by now (a key given by the user is never deleted)
         self.peer_id = identity.peer_id
         self.client_mode = client_mode
         self.loop = LoopThread()
@@ -152,6 +156,8 @@ class SwarmNode:
                     announce_maddrs=[str(m) for m in announce] or None,
                     client_mode=client_mode,
                     identity_path=self.identity.path,
+                    # a fresh random key cannot be in use elsewhere: skip hivemind's extra probe daemon for it
+                    check_if_identity_free=not self.identity.is_throwaway,
                     record_validators=[self.validator],
                     use_relay=use_relay,
                     use_auto_relay=use_auto_relay,

@@ -76,6 +76,7 @@ def test_unreachable_initial_peer_retries_then_fails_clearly():
         SwarmNode("r", Identity.load_or_create(None), initial_peers=[f"/ip4/127.0.0.1/tcp/9/p2p/{ghost.peer_id}"],
                   host_maddrs=LOOPBACK, bootstrap_attempts=2, bootstrap_backoff_s=0.5, start_p2p=False)
     assert time.monotonic() - started >= 0.5  # it waited (backoff) before giving up
+    ghost.discard()
 
 
 @pytest.mark.timeout(90)
