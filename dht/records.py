@@ -92,6 +92,9 @@ class ExpertPoolSpec(_Strict):
     k_min: int = Field(1, ge=1, le=16)
     timeout_s: Finite = Field(15.0, gt=0, le=600)
     max_batch_rows: int = Field(65536, ge=1)
+    # at most capacity_factor * rows * k / live experts rows go to one expert per call (first choices first);
+    # the rest of that expert's share is dropped and the row's gate weights renormalised. None: no limit
+    capacity_factor: Optional[Finite] = Field(2.0, ge=1.0)
     wire_codec: Literal["none", "fp16", "blockwise8"] = "none"  # activations/grads on the wire (expert_pool.codec)
 
 

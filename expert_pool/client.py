@@ -185,8 +185,8 @@ class RemoteDispatcher:
             raise ValueError(f"dispatch expects x of shape [N, {self.hidden}], got {list(x.shape)}")
         if expert_idx.ndim != 2 or expert_idx.shape[0] != x.shape[0]:
             raise ValueError(f"expert_idx must be [N={x.shape[0]}, k], got {list(expert_idx.shape)}")
-        if expert_idx.numel() and int(expert_idx.min()) < 0:
-            raise ValueError("expert_idx must be non-negative")
+        if expert_idx.numel() and int(expert_idx.min()) < -1:
+            raise ValueError("expert_idx must be >= 0, or -1 for a choice dropped by the capacity limit")
         n, k = expert_idx.shape
         flat_idx = expert_idx.reshape(-1).cpu()
         flat_rows = torch.arange(n).repeat_interleave(k)
@@ -195,6 +195,7 @@ class RemoteDispatcher:
         routes = [
             _Route(make_uid(modality, layer, int(e)), positions, flat_rows[positions])
             for e, positions in zip(experts.tolist(), order.split(counts.tolist()))
+            if e >= 0  # -1: dropped by the caller's capacity limit, never sent, never answered
         ]
         out, answered = _DispatchFunction.apply(x, self, routes, k)
         return out.view(n, k, x.shape[1]), answered.view(n, k)

@@ -25,7 +25,10 @@ class ExpertDispatcher(Protocol):
     def dispatch(
         self, x: torch.Tensor, expert_idx: torch.Tensor, modality: str, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run rows of ``x [N, d]`` through experts ``expert_idx [N, k]``: (outputs [N, k, d], answered [N, k])."""
+        """Run rows of ``x [N, d]`` through experts ``expert_idx [N, k]``: (outputs [N, k, d], answered [N, k]).
+
+        An index of -1 marks a choice dropped by the caller (capacity limit): it is not sent and not answered.
+        """
 
 
 class LocalDispatcher:
@@ -46,6 +49,8 @@ class LocalDispatcher:
         out = x.new_zeros(n * k, x.shape[-1])
         answered = torch.zeros(n * k, dtype=torch.bool, device=x.device)
         for expert in torch.unique(flat_idx).tolist():
+            if expert < 0:  # dropped by the capacity limit
+                continue
             uid = make_uid(modality, layer, expert)
             if uid not in self.experts:
                 continue

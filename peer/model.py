@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -69,7 +70,8 @@ class SwarmModel(nn.Module):
                 self.encoders["audio"] = AudioEncoder(spec)
             experts = {m: manifest.experts_per_layer[m] for m in self.modalities}
             self.blocks = nn.ModuleList(
-                Block(spec, layer, experts, manifest.expert_pool.top_k, manifest.expert_pool.k_min)
+                Block(spec, layer, experts, manifest.expert_pool.top_k, manifest.expert_pool.k_min,
+                      manifest.expert_pool.capacity_factor)
                 for layer in range(spec.layers)
             )
             self.ln_f = nn.LayerNorm(spec.hidden)
@@ -172,12 +174,15 @@ class Stream:
 class Block(nn.Module):
     """Pre-norm transformer block: shared causal/bidirectional self-attention, then a per-modality MoE FFN."""
 
-    def __init__(self, spec: ModelSpec, layer: int, experts: dict[str, int], top_k: int, k_min: int):
+    def __init__(self, spec: ModelSpec, layer: int, experts: dict[str, int], top_k: int, k_min: int,
+                 capacity_factor: Optional[float] = None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(spec.hidden)
         self.attn = SelfAttention(spec.hidden, spec.heads)
         self.ln_2 = nn.LayerNorm(spec.hidden)
-        self.moe = nn.ModuleDict({m: MoE(spec.hidden, m, layer, n, top_k, k_min) for m, n in experts.items()})
+        self.moe = nn.ModuleDict(
+            {m: MoE(spec.hidden, m, layer, n, top_k, k_min, capacity_factor) for m, n in experts.items()}
+        )
 
     def forward(self, streams: list[Stream], dispatcher: ExpertDispatcher) -> torch.Tensor:
         """Advance every stream's ``x`` (the Stream objects are updated); return this block's MoE router loss."""
@@ -220,9 +225,11 @@ class MoE(nn.Module):
     (row, expert) pairs count and their weights are renormalised (a row with no answer gets ``y = 0``).
     """
 
-    def __init__(self, hidden: int, modality: str, layer: int, num_experts: int, top_k: int, k_min: int):
+    def __init__(self, hidden: int, modality: str, layer: int, num_experts: int, top_k: int, k_min: int,
+                 capacity_factor: Optional[float] = None):
         super().__init__()
         self.modality, self.layer, self.num_experts, self.top_k, self.k_min = modality, layer, num_experts, top_k, k_min
+        self.capacity_factor = capacity_factor
         self.gate = nn.Linear(hidden, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, dispatcher: ExpertDispatcher) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,17 +240,33 @@ class MoE(nn.Module):
         top_logits, idx = logits.topk(k, dim=-1)  # [N, k]
         weights = top_logits.softmax(dim=-1)
 
-        out, answered = dispatcher.dispatch(x, idx, self.modality, self.layer)  # [N, k, d], [N, k]
+        sent = self._within_capacity(idx, int(live.sum()))
+        out, answered = dispatcher.dispatch(x, idx.masked_fill(~sent, -1), self.modality, self.layer)
         if out.shape != (*idx.shape, x.shape[1]) or answered.shape != idx.shape:
             raise RuntimeError(f"{type(dispatcher).__name__}.dispatch returned outputs {tuple(out.shape)} and mask "
                                f"{tuple(answered.shape)} for {tuple(idx.shape)} choices of {x.shape[1]}-wide rows")
-        answered = answered.to(x.device, torch.bool)
+        answered = answered.to(x.device, torch.bool) & sent
         weights = weights * answered
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / total.clamp_min(1e-12), torch.zeros_like(weights))
         out = out.to(x.dtype).masked_fill(~answered.unsqueeze(-1), 0.0)  # unanswered slots may hold anything
         y = (weights.unsqueeze(-1) * out).sum(dim=1)
         return y, self._router_loss(logits, idx, live)
+
+    def _within_capacity(self, idx: torch.Tensor, live_experts: int) -> torch.Tensor:
+        """Bool ``[N, k]``: the choices each expert takes, at most ``capacity_factor * N * k / live`` of them.
+
+        Choices queue per expert in priority order, all first choices before any second choice (as in GShard /
+        Switch), so an overloaded expert drops the rows for which it was a later choice first.
+        """
+        if self.capacity_factor is None or idx.numel() == 0:
+            return torch.ones_like(idx, dtype=torch.bool)
+        n, k = idx.shape
+        capacity = math.ceil(self.capacity_factor * n * k / max(1, live_experts))
+        by_priority = idx.t().reshape(-1)  # [k * N], choice-major
+        onehot = F.one_hot(by_priority, self.num_experts)
+        position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # place in its expert's queue
+        return (position < capacity).view(k, n).t()
 
     def _live(self, dispatcher: ExpertDispatcher, device: torch.device) -> torch.Tensor:
         live = torch.as_tensor(dispatcher.live_mask(self.modality, self.layer, self.num_experts))

@@ -268,3 +268,18 @@ def test_a_short_training_run_lowers_text_and_image_loss():
     final = evaluate()
     assert initial["text"] > 5.0 and final["text"] < initial["text"] - 2.0, (initial, final)
     assert final["image"] < initial["image"] - 0.8, (initial, final)
+
+
+@pytest.mark.timeout(30)
+def test_capacity_factor_caps_rows_per_expert_first_choices_first():
+    from swarmtrain.peer.model import MoE
+
+    moe = MoE(hidden=8, modality="text", layer=0, num_experts=4, top_k=2, k_min=1, capacity_factor=1.0)
+    idx = torch.tensor([[0, 1]] * 6 + [[1, 0]] * 2)  # expert 0: 6 first choices + 2 second; capacity = 1*8*2/4 = 4
+    sent = moe._within_capacity(idx, live_experts=4)
+    assert sent[:, 0].tolist() == [True] * 4 + [False] * 2 + [True] * 2  # expert 0 keeps its first 4 first choices
+    assert sent[6:, 1].tolist() == [False, False]  # ...and has no room left for second choices
+    per_expert = torch.zeros(4, dtype=torch.long).index_add_(0, idx[sent], torch.ones(int(sent.sum()), dtype=torch.long))
+    assert int(per_expert.max()) <= 4
+    unlimited = MoE(hidden=8, modality="text", layer=0, num_experts=4, top_k=2, k_min=1, capacity_factor=None)
+    assert unlimited._within_capacity(idx, live_experts=4).all()
