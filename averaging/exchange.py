@@ -51,6 +51,7 @@ class Outcome:
     error: str = "the initiator went away mid-exchange"
     weight: float = 1.0  # the initiator's push-sum weight
     committing: bool = False  # the commit arrived: the exchange must not be cancelled any more
+    agree: bool = True  # no chunk of values came 8-bit: the pair agrees afterwards (up to 8-bit differences)
 
 
 async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str,
@@ -76,6 +77,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     stream = await asyncio.wait_for(stream_factory(requests()), spec.timeout_s)
     sender: Optional[asyncio.Task] = None
     applied = False
+    stage = "waiting for accept"
     try:
         kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("accept", "refuse"))
         if kind == "refuse":
@@ -89,11 +91,15 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         sample = meta.get("sample")
         partner_sample = _sample_tensor(sample) if isinstance(sample, bytes) else torch.empty(0)
         precise = await replica.call(replica.precise_values, partner_sample)
+        if partner is not None:  # lossless enough that the pair agrees afterwards (else re-averaging helps)
+            partner["agree"] = spec.codec != "8bit" or precise
         step0 = local_step()
         snapshot = torch.empty(replica.numel) if replica.outer is not None else None
-        sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise))
+        sent: dict[int, torch.Tensor] = {}
+        sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise, sent))
+        stage = "waiting for answers"
         try:
-            received = await _receive_answers(replica, stream, meter, deadline)
+            received = await _receive_answers(replica, stream, meter, deadline, sent)
             own_norm, sent_norm, q8_err = await sender
         except Exception:
             if sender.done() and not sender.cancelled() and sender.exception() is not None:
@@ -111,14 +117,19 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
                 return "stale"
             raise Rejected(why_not)
         outbox.put_nowait(protocol.request("commit", factor=factor))
-        outbox.put_nowait(None)
+        stage = "waiting for done"
         kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("done", "refuse"))
+        # end our side only now: writing to a stream the partner already closed would reset it, and a reset
+        # can drop its "done" before we read it
+        outbox.put_nowait(None)
         if kind == "refuse":
             raise Rejected(f"partner refused to commit: {meta.get('reason')}")
         applied = True
         replica.after_exchange(True, own_norm, q8_err)
         await asyncio.shield(replica.call(replica.apply_mixing, received, weight_p, factor, 1.0, snapshot))
         return "ok"
+    except (asyncio.TimeoutError, ConnectionError, OSError) as e:
+        raise type(e)(f"{e or type(e).__name__} ({stage})") from None
     finally:
         if not applied:
             replica.after_exchange(False)
@@ -154,12 +165,14 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
                 return
             if protocol.field(meta, "o", int) != segment.lo or tensor is None:
                 raise ProtocolError(f"expected the chunk at offset {segment.lo}")
-            reply, x, b, x_sq, a_sq = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
+            if tensor.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT:
+                outcome.agree = False
+            reply, mode, x, d, x_sq, a_sq = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
             if snapshot is not None:
                 snapshot[segment.lo : segment.hi] = x
             own_sq, their_sq = own_sq + x_sq, their_sq + a_sq
-            received[segment.lo : segment.hi] = b
-            yield protocol.response("chunk", reply, o=segment.lo)
+            received[segment.lo : segment.hi] = d
+            yield protocol.response("chunk", reply, o=segment.lo, m=mode)
         message = meter.inp(await asyncio.wait_for(anext(requests), timeout))
         kind, meta, _ = protocol.parse(message, ("commit", "abort"))
         if kind == "abort":
@@ -177,12 +190,15 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
         await asyncio.shield(replica.call(replica.apply_mixing, received, hello["weight"], factor, -1.0, snapshot))
         outcome.result = "ok"
         yield protocol.response("done")
+        await _drain(requests, timeout)
     except LocalDataError as e:
         outcome.result, outcome.error = "local", str(e)
         yield protocol.response("refuse", reason="the partner's own parameters are not finite")
+        await _drain(requests, timeout)
     except (ProtocolError, WireError, Rejected) as e:
         outcome.result, outcome.error = "rejected", str(e)
         yield protocol.response("refuse", reason=str(e)[:200])
+        await _drain(requests, timeout)
     except (asyncio.TimeoutError, StopAsyncIteration, ConnectionError) as e:
         outcome.result, outcome.error = "failed", f"initiator went silent ({type(e).__name__})"
     except RuntimeError as e:  # e.g. we are shutting down: our thread pool is closed
@@ -260,8 +276,10 @@ async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Me
             await stream.aclose()
 
 
-async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline: float) -> torch.Tensor:
-    """The partner's answers ``B = x_p - A``, decoded, in segment order."""
+async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline: float,
+                           sent: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The moves ``D ~ x_p - A`` the partner answered (decoded ``B``, or its decoded values minus the ``A`` we
+    ``sent``), in segment order: exactly what the partner applies too."""
     received = torch.empty(replica.numel)
     for segment in replica.segments:
         kind, meta, tensor = protocol.parse(await _next(stream, meter, deadline), ("chunk", "refuse"))
@@ -272,19 +290,25 @@ async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline
         values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize)
         if codec != segment.codec:
             raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
+        mode = meta.get("m", "d")
+        if mode == "v":
+            values.sub_(sent[segment.lo])
+        elif mode != "d":
+            raise ProtocolError(f"unknown answer mode {mode!r}")
         received[segment.lo : segment.hi] = values
     return received
 
 
 async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor],
-                       precise: bool):
-    """Encode our values segment by segment into ``outbox``; returns (||x||, ||A||, 8-bit error or None)."""
+                       precise: bool, sent: dict[int, torch.Tensor]):
+    """Encode our values segment by segment into ``outbox`` (keeping what the partner decodes in ``sent``);
+    returns (||x||, ||A||, 8-bit error or None)."""
     own_sq = sent_sq = 0.0
     q8_sq, any_q8 = 0.0, False
     for segment in replica.segments:
         codec = replica.value_codec(segment, precise)
         try:
-            message, x, x_sq, a_sq, err_sq = await replica.call(replica.encode_own, segment, codec)
+            message, x, sent[segment.lo], x_sq, a_sq, err_sq = await replica.call(replica.encode_own, segment, codec)
         except LocalDataError as e:
             outbox.put_nowait(protocol.request("abort", reason="the initiator's parameters are not finite"))
             outbox.put_nowait(None)
@@ -316,6 +340,14 @@ async def _next(stream, meter: Meter, deadline: Optional[float] = None):
 async def _until_closed(stream) -> None:
     async for _ in stream:
         pass
+
+
+async def _drain(requests: AsyncIterator, timeout: float) -> None:
+    """Partner: read (and drop) what the initiator still sends until it ends its side, before we close ours.
+    Closing first races with its writes in flight, and the stream reset that follows can drop our last message
+    ("done" or "refuse") before the initiator reads it."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(_until_closed(requests), timeout)
 
 
 def _sample_tensor(data: bytes) -> torch.Tensor:

@@ -42,18 +42,21 @@ class GossipAverager(ServicerBase):
 
     1. ``s`` streams its values ``A = Q(x_s + e_s)`` chunk by chunk (``Q``: ``spec.codec``, ``e_s``: its error
        feedback residual, zero for float32); ``p`` answers each chunk right away with ``B = Q(x_p - A)``, its
-       values minus what it received, read under its lock. With codec ``"8bit"``, ``B`` (a difference, small
-       once peers agree) is 8-bit blockwise; ``A`` is 8-bit while the last partner was far away and float16
-       once it was within a few 8-bit quantization errors, since quantized *values* would otherwise keep the
-       pair about 1% apart; tensors under 4096 elements always travel as float16.
+       values minus what it received, read under its lock; both sides then know the same move
+       ``D = B ~ x_p - x_s``. With codec ``"8bit"``: ``B`` is 8-bit blockwise (a difference: small once peers
+       agree, so its error shrinks with it), except that a partner farther away than its values are large sends
+       ``Q(x_p)`` itself (``D = Q(x_p) - A``); ``A`` is 8-bit unless the partner is within
+       a few 8-bit quantization errors (estimated from 4096 sampled values the partner sends with "accept"),
+       then float16, since 8-bit *values* would keep the pair about 1% apart; tensors under 4096 elements always
+       travel as float16.
     2. ``s`` picks the mixing factor ``f = s(tau) * clip`` (``tau``: local steps since its first chunk,
        ``s(tau) = 1/sqrt(1 + tau)``; dropped above ``spec.max_staleness``; ``clip``: optional CenteredClip) and
-       sends ``commit f``; ``p`` applies ``x_p -= alpha_p * B`` and answers ``done``; then ``s`` applies
-       ``x_s += alpha_s * B``, with push-sum coefficients ``alpha`` from :func:`~swarmtrain.averaging.rules.mixing`
+       sends ``commit f``; ``p`` applies ``x_p -= alpha_p * D`` and answers ``done``; then ``s`` applies
+       ``x_s += alpha_s * D``, with push-sum coefficients ``alpha`` from :func:`~swarmtrain.averaging.rules.mixing`
        (1/2 each for equal weights and f = 1).
 
     Both sides add a *delta* to whatever their parameters are by then, so local training progress made during
-    the exchange is kept, and both deltas come from the same decoded ``B``, so the pair's weighted sum is
+    the exchange is kept, and both deltas come from the same decoded ``D``, so the pair's weighted sum is
     preserved exactly even with lossy codecs: the swarm converges to the weighted mean (push-sum; Kempe et al.
     2003, Assran et al. 2019). With float32 and equal weights this is the plain rule
     ``x_p += (x_s - x_p) / 2``, ``x_s += (x_p - x_s) / 2``. With ``spec.mode == "diloco"`` the pair average is
@@ -117,7 +120,9 @@ class GossipAverager(ServicerBase):
         self._local_step = self._samples = 0
         self._session: Optional[object] = None  # token of the exchange in progress (either role)
         self._last_met: dict[str, float] = {}
-        # peer -> (our state, its state) right after our last exchange: if neither changed, the pair agrees
+        # peer -> (our state, its state) right after our last exchange, if it left the pair in agreement (not
+        # one with 8-bit values, whose quantization error keeps the pair apart): while neither state changes,
+        # averaging again would change nothing
         self._synced: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._counts = dict(rounds=0, failures=0, served=0, busy=0, rejected=0, stale_dropped=0)
         self._last_partner: Optional[str] = None
@@ -222,11 +227,13 @@ class GossipAverager(ServicerBase):
                 yield self.meter.out(message)
         finally:
             watchdog.cancel()
+            logger.debug(f"averager {self.group}: served {remote}: {outcome.result} {outcome.error} "
+                         f"(session {'ours' if self._session is token else 'gone'})")
             if self._session is token:
                 self._session = None
                 self._record(remote, outcome.result, outcome.error, served=True)
                 state = hello.get("state")
-                if outcome.result == "ok" and isinstance(state, list) and len(state) == 2:
+                if outcome.result == "ok" and outcome.agree and isinstance(state, list) and len(state) == 2:
                     self._synced[remote] = (self._state(), (int(state[0]) + 1, int(state[1])))
 
     async def rpc_state(
@@ -310,11 +317,11 @@ class GossipAverager(ServicerBase):
                 self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step, unchanged_if,
                 partner,
             )
-            if outcome == "ok" and "state" in partner:
+            if outcome == "ok" and "state" in partner and partner.get("agree"):
                 version, step = partner["state"]
                 self._synced[peer] = (self._state(), (version + 1, step))
-        except asyncio.TimeoutError:
-            outcome, why = "failed", f"no answer within {self.spec.timeout_s}s"
+        except asyncio.TimeoutError as e:
+            outcome, why = "failed", f"no answer within {self.spec.timeout_s}s: {e}"
         except LocalDataError as e:
             outcome, why = "local", str(e)
         except (Rejected, ProtocolError, WireError) as e:

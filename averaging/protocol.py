@@ -8,7 +8,8 @@ whose ``metadata`` is a msgpack map with a type tag ``t``; chunks carry one enco
     hello {group, numel, layout, codec, ...} ->
                                              <- accept {weight, state, sample} | refuse {reason}
     chunk {o} + A[o:o+n]  (its values)     ->
-                                             <- chunk {o} + B[o:o+n]  (partner values - decoded A)
+                                             <- chunk {o, m} + B[o:o+n]  (m="d": partner values - decoded A;
+                                                                         m="v": partner values)
     ... (pipelined, one reply per chunk)
     commit {factor}  | abort {reason}      ->
                                              <- done {}   (partner applied its half)  | refuse {reason}

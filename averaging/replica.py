@@ -110,29 +110,36 @@ class LocalReplica:
         return "fp16" if segment.codec == "8bit" and precise else segment.codec
 
     def encode_own(self, segment: Segment, codec: str):
-        """Initiator: (message, our values x, ||x||^2, ||A||^2, squared encoding error) for ``segment``, with
-        error feedback for lossy codecs. Raises LocalDataError if our values are not finite."""
+        """Initiator: (message, our values x, what the partner decodes, ||x||^2, ||A||^2, squared encoding
+        error) for ``segment``, with error feedback for lossy codecs. Raises LocalDataError if our values are not
+        finite."""
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
         own_sq = _checked_sq_norm(x)
         if codec == "none":
             message, _ = encode(x, "none")
-            return message, x, own_sq, own_sq, 0.0
+            return message, x, x, own_sq, own_sq, 0.0
         meant = self.feedback.compensate(segment.lo, x)
         message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False)
         err_sq = self.feedback.update(segment.lo, meant, decoded)
-        return message, x, own_sq, float(torch.dot(decoded, decoded)), err_sq
+        return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
 
     def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int):
-        """Partner: decode the initiator's values ``a`` for ``segment`` and answer ``b = x - a`` encoded with the
-        segment's codec; returns (reply message, our x, decoded b, ||x||^2, ||a||^2). Raises WireError on bad
-        input, LocalDataError if our own values are not finite."""
+        """Partner: decode the initiator's values ``a`` for ``segment`` and answer with the segment's codec:
+        ``b = x - a`` (mode "d"), or our values ``x`` themselves (mode "v") when the pair is farther apart than
+        ``x`` is large (then an 8-bit ``x`` loses less than an 8-bit ``b``). Returns (reply, mode, our x, the
+        move ``d`` both sides apply (decoded ``b``, or decoded ``x`` minus ``a``), ||x||^2, ||a||^2). Raises
+        WireError on bad input, LocalDataError if our own values are not finite."""
         theirs, _ = decode(tensor, segment.hi - segment.lo, blocksize)
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
         own_sq = _checked_sq_norm(x)
-        reply, b = encode(x - theirs, segment.codec, blocksize, check_finite=False)
-        return reply, x, b, own_sq, float(torch.dot(theirs, theirs))
+        b = x - theirs
+        if segment.codec == "8bit" and float(torch.dot(b, b)) > own_sq:
+            reply, decoded = encode(x, segment.codec, blocksize, check_finite=False)
+            return reply, "v", x, decoded.sub_(theirs), own_sq, float(torch.dot(theirs, theirs))
+        reply, decoded = encode(b, segment.codec, blocksize, check_finite=False)
+        return reply, "d", x, decoded, own_sq, float(torch.dot(theirs, theirs))
 
     def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:
         """Initiator bookkeeping: keep or drop the error-feedback residuals; remember the 8-bit error."""
