@@ -190,6 +190,7 @@ class Heartbeat(_Strict):
     averaging_rounds: int = Field(0, ge=0)
     averaging_failures: int = Field(0, ge=0)
     averaging_bytes: int = Field(0, ge=0)
+    expert_averaging_rounds: int = Field(0, ge=0)  # exchanges among replicas of the experts this peer hosts
     started_at: Finite = 0.0
     time: Finite = 0.0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from typing import AsyncIterator, Mapping, Optional, Sequence
 
 import torch
@@ -173,6 +174,10 @@ class ExpertServer(ServicerBase):
     def state_dict(self, uid: str) -> dict[str, torch.Tensor]:
         """A copy of expert ``uid``'s parameters."""
         return self._backend(uid).state_dict()
+
+    def expert_lock(self, uid: str) -> threading.Lock:
+        """The lock held around expert ``uid``'s optimizer steps (for an averager of its replicas)."""
+        return self._backend(uid).lock
 
     def load_state_dict(self, uid: str, state: Mapping[str, torch.Tensor]) -> None:
         """Replace expert ``uid``'s parameters (e.g. fetched from another host with ``fetch_expert_state``)."""

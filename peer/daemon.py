@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from swarmtrain.averaging.gossip import GossipAverager
+from swarmtrain.averaging.rendezvous import Rendezvous
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
@@ -89,6 +90,7 @@ class PeerDaemon:
         self.server: Optional[ExpertServer] = None
         self.averager: Optional[GossipAverager] = None
         self.dispatcher: Optional[RemoteDispatcher] = None
+        self.expert_averagers: dict[str, GossipAverager] = {}
         self.trainer: Optional[Trainer] = None
         self._maintenance: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -137,8 +139,10 @@ class PeerDaemon:
         )
         self.model = SwarmModel(manifest, self.dispatcher).to(self.device)
         self.lock = threading.Lock()
+        self.rendezvous = Rendezvous(self.directory, ttl_s=ttl)  # one DHT record for all of this peer's groups
         self.averager = GossipAverager(
-            self.node, self.directory, [p.data for p in self.model.parameters()], self.lock, manifest.averaging, ttl_s=ttl
+            self.node, self.directory, [p.data for p in self.model.parameters()], self.lock, manifest.averaging,
+            ttl_s=ttl, rendezvous=self.rendezvous,
         )
         if self.averager.load_state_from_peers():
             logger.info("copied the current replicated parameters from a live peer")
@@ -149,6 +153,7 @@ class PeerDaemon:
             self.model, self.data, build_optimizer(self.model.parameters(), manifest.optimizer), self.lock,
             self.averager, batch_size, seed, self.device,
         )
+        self._sync_expert_averagers()
         self._maintenance = threading.Thread(target=self._maintain, name="swarmtrain-maintenance", daemon=True)
         self._maintenance.start()
 
@@ -195,6 +200,20 @@ class PeerDaemon:
         if chosen:
             logger.info(f"hosting experts {', '.join(chosen)}")
             self.registry.publish()
+
+    def _sync_expert_averagers(self) -> None:
+        """One averager per hosted expert keeps its replicas in agreement, among that expert's hosts only."""
+        hosted = set(self.server.hosted())
+        for uid in sorted(hosted - set(self.expert_averagers)):
+            averager = GossipAverager(
+                self.node, self.directory, [p.data for p in self.server.module(uid).parameters()],
+                self.server.expert_lock(uid), self.manifest.averaging, group=uid,
+                ttl_s=self.manifest.training.heartbeat_ttl_s, rendezvous=self.rendezvous,
+            )
+            averager.start()
+            self.expert_averagers[uid] = averager
+        for uid in sorted(set(self.expert_averagers) - hosted):
+            self.expert_averagers.pop(uid).shutdown()
 
     def _copy_replica_state(self, uid: str) -> None:
         """A new replica starts from the state of a live one, when there is one (else the seeded init)."""
@@ -278,6 +297,7 @@ class PeerDaemon:
         while not self._stop.wait(period):
             try:
                 self._host_experts()
+                self._sync_expert_averagers()
                 self.registry.publish()
                 self._publish_heartbeat()
             except Exception as e:
@@ -285,6 +305,7 @@ class PeerDaemon:
 
     def heartbeat(self) -> Heartbeat:
         stats, avg = self.trainer.stats, self.averager.stats()
+        experts_avg = [a.stats() for a in list(self.expert_averagers.values())]
         return Heartbeat(
             peer_id=self.peer_id, role="peer", public_name=self.options.public_name[:64],
             version=swarmtrain_version(), device=str(self.device), modalities=self.modalities,
@@ -294,7 +315,8 @@ class PeerDaemon:
             losses={k: v for k, v in list(stats.losses.items())[:8] if _finite(v) is not None},
             samples_per_s=stats.samples_per_s, steps=stats.steps, samples=stats.samples,
             averaging_rounds=avg.rounds, averaging_failures=avg.failures,
-            averaging_bytes=avg.bytes_sent + avg.bytes_received, started_at=self.started_at, time=time.time(),
+            averaging_bytes=avg.bytes_sent + avg.bytes_received,
+            expert_averaging_rounds=sum(a.rounds for a in experts_avg), started_at=self.started_at, time=time.time(),
         )
 
     def _publish_heartbeat(self) -> None:
@@ -308,8 +330,11 @@ class PeerDaemon:
         self._stop.set()
         if self._maintenance is not None:
             self._maintenance.join(timeout=10)
-        for stop_part in (getattr(self.dispatcher, "close", None), getattr(self.averager, "shutdown", None),
-                          getattr(self.server, "shutdown", None)):
+        parts = [getattr(self.dispatcher, "close", None), getattr(self.averager, "shutdown", None)]
+        parts += [averager.shutdown for averager in self.expert_averagers.values()]
+        parts += [getattr(self.server, "shutdown", None)]
+        self.expert_averagers = {}
+        for stop_part in parts:
             if stop_part is not None:
                 try:
                     stop_part()

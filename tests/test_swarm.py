@@ -175,6 +175,9 @@ def test_killed_peer_leaves_no_process_and_its_experts_are_taken_over(swarm):
     swarm.start_peer("carol", "--max-experts", "16", "--data-shard", "0/1")
     wait_for(lambda: swarm.by_name(swarm.status()).get("carol", {}).get("steps", 0) > 0, 120, interval=3,
              what="carol to join")
+    # carol took replicas of experts alice and bob host: their replicas average among their hosts only
+    wait_for(lambda: swarm.by_name(swarm.status())["carol"]["expert_averaging_rounds"] > 0, 60, interval=3,
+             what="averaging among the replicas of an expert")
     bob = swarm.peers.pop("bob")
     bob_experts = set(swarm.by_name(swarm.status())["bob"]["experts"])
     os.killpg(bob.pid, signal.SIGKILL)
