@@ -21,7 +21,8 @@ class AveragingStats:
     :param last_partner: peer id of the partner of the last completed exchange
     :param last_round_s: wall time of the last completed exchange this peer initiated
     :param served: of ``rounds``, those where a partner initiated
-    :param busy: exchanges skipped because the chosen partner was busy with another one
+    :param busy: exchanges skipped because the chosen partner was busy with another one (or still agreed with
+        us since our last exchange, so that averaging again would change nothing)
     :param rejected: exchanges refused because the partner's tensors were bad (NaN/Inf, wrong sizes, outliers)
     :param stale_dropped: exchanges whose result was dropped because local training moved on too far meanwhile
     """

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
+from swarmtrain.averaging import blockwise
+from swarmtrain.averaging.blockwise import Scratch
+
 Codec = Literal["none", "fp16", "8bit"]
 CODECS: tuple[str, ...] = ("none", "fp16", "8bit")
 SMALL_TENSOR = 4096  # tensors with fewer elements travel as float16 under the 8-bit codec
@@ -79,7 +82,8 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
             if small_lo is not None:
                 segments.append(Segment(small_lo, offset, "fp16"))
                 small_lo = None
-            segments.extend(Segment(lo, min(lo + step, offset + size), "8bit") for lo in range(offset, offset + size, step))
+            end = offset + size
+            segments.extend(Segment(lo, min(lo + step, end), "8bit") for lo in range(offset, end, step))
         offset += size
     if small_lo is not None and offset > small_lo:
         segments.append(Segment(small_lo, offset, "fp16"))
@@ -87,65 +91,75 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
 
 
 def encode(
-    x: torch.Tensor, codec: str, blocksize: int = 4096, with_decoded: bool = True, check_finite: bool = True
+    x: torch.Tensor,
+    codec: str,
+    blocksize: int = 4096,
+    with_decoded: bool = True,
+    check_finite: bool = True,
+    scratch: Optional[Scratch] = None,
 ) -> tuple[runtime_pb2.Tensor, Optional[torch.Tensor]]:
     """Encode the float32 vector ``x``: (message, what the receiver will decode from it, if ``with_decoded``).
 
     Lossy codecs refuse non-finite input with :class:`LocalDataError` (8-bit quantization would silently turn
     a NaN into a finite number, and float16 turns values beyond 65504 into Inf). A caller that has already
     checked ``x`` (e.g. by computing its norm) passes ``check_finite=False`` to skip the 8-bit codec's extra pass;
-    float16 overflow is always checked.
+    float16 overflow is always checked. ``scratch`` (one per thread) saves allocating the 8-bit buffer each time.
     """
     x = x.reshape(-1)
     if x.dtype != torch.float32:
         raise TypeError(f"encode expects float32, got {x.dtype}")
     compression, dtype = _WIRE[check_codec(codec, blocksize)]
+    n = x.numel()
     if codec == "none":
         buffer, decoded = x.numpy().tobytes(), x
     elif codec == "fp16":
         half = x.to(torch.float16)
         if not _finite(half):
-            raise LocalDataError(f"cannot send {x.numel()} values as float16: NaN, Inf or beyond +-65504")
+            raise LocalDataError(f"cannot send {n} values as float16: NaN, Inf or beyond +-65504")
         buffer = half.numpy().tobytes()
         decoded = half.to(torch.float32) if with_decoded else None
     else:
         if check_finite and not _finite(x):
-            raise LocalDataError(f"cannot send {x.numel()} values as 8-bit: they hold NaN or Inf")
-        qmap = _dynamic_map()
-        codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, qmap, blocksize)
-        buffer = b"".join((absmax.numpy().data, codes.numpy().data))
-        decoded = None
-        if with_decoded:
-            decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, blocksize, torch.float32)
-    message = runtime_pb2.Tensor(buffer=buffer, size=[x.numel()], dtype=dtype, compression=compression)
+            raise LocalDataError(f"cannot send {n} values as 8-bit: they hold NaN or Inf")
+        nblocks = -(-n // blocksize)
+        wire = scratch.get(4 * nblocks + n) if scratch is not None else torch.empty(4 * nblocks + n, dtype=torch.uint8)
+        absmax, codes = wire[: 4 * nblocks].view(torch.float32), wire[4 * nblocks :]
+        blockwise.quantize_into(x.contiguous(), absmax, codes, blocksize)
+        buffer = wire.numpy().tobytes()
+        decoded = blockwise.dequantize_into(codes, absmax, torch.empty(n), blocksize) if with_decoded else None
+    message = runtime_pb2.Tensor(buffer=buffer, size=[n], dtype=dtype, compression=compression)
     return message, decoded
 
 
-def decode(message: runtime_pb2.Tensor, numel: int, blocksize: int = 4096) -> tuple[torch.Tensor, str]:
-    """Decode a message holding exactly ``numel`` finite values: (float32 vector, its codec); else WireError."""
+def decode(
+    message: runtime_pb2.Tensor, numel: int, blocksize: int = 4096, out: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, str]:
+    """Decode a message holding exactly ``numel`` finite values: (float32 vector, its codec); else WireError.
+
+    With ``out`` (a contiguous float32 CPU tensor of ``numel`` elements) the values are written there.
+    """
     name = _BY_COMPRESSION.get(message.compression)
     if name is None or message.dtype != _WIRE[name][1]:
         raise WireError(f"unknown encoding compression={message.compression} dtype={message.dtype!r}")
     if list(message.size) != [numel]:
         raise WireError(f"chunk has size {list(message.size)}, expected [{numel}]")
+    out = torch.empty(numel, dtype=torch.float32) if out is None else out
     buffer = message.buffer
     if name == "8bit":
         nblocks = -(-numel // blocksize)
         if len(buffer) != 4 * nblocks + numel:
             raise WireError(f"8-bit chunk of {numel} elements has {len(buffer)} bytes, expected {4 * nblocks + numel}")
-        absmax = torch.from_numpy(np.frombuffer(buffer, dtype=np.float32, count=nblocks).copy())
-        if not _finite(absmax):  # codes map into [-1, 1]: the values are finite iff every block scale is
+        # codes map into [-1, 1]: the values are finite iff every block scale is
+        if not np.isfinite(np.frombuffer(buffer, dtype=np.float32, count=nblocks)).all():
             raise WireError(f"chunk of {numel} elements holds NaN or Inf")
-        codes = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, offset=4 * nblocks).copy())
-        x = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, _dynamic_map(), blocksize, torch.float32)
-        return x, name
+        return blockwise.dequantize_bytes_into(buffer, numel, out, blocksize), name
     width = 4 if name == "none" else 2
     if len(buffer) != width * numel:
         raise WireError(f"{name} chunk of {numel} elements has {len(buffer)} bytes, expected {width * numel}")
-    raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.float32 if name == "none" else np.float16).copy())
-    if not _finite(raw):
+    np.copyto(out.numpy(), np.frombuffer(buffer, dtype=np.float32 if name == "none" else np.float16))
+    if not _finite(out):
         raise WireError(f"chunk of {numel} elements holds NaN or Inf")
-    return raw.to(torch.float32), name
+    return out, name
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -209,16 +223,3 @@ class ErrorFeedback:
     def norm(self) -> float:
         """L2 norm of the current residuals (0 before any lossy update)."""
         return 0.0 if self.residual is None else float(self.residual.norm())
-
-
-_DYNAMIC_MAP: Optional[torch.Tensor] = None
-
-
-def _dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map (computed once, on first use)."""
-    global _DYNAMIC_MAP
-    if _DYNAMIC_MAP is None:
-        import bitsandbytes.functional as bnb_functional  # noqa: F401  (registers torch.ops.bitsandbytes)
-
-        _DYNAMIC_MAP = bnb_functional.create_dynamic_map()
-    return _DYNAMIC_MAP

@@ -287,15 +287,15 @@ async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline
             raise Rejected(f"partner refused mid-exchange: {meta.get('reason')}")
         if protocol.field(meta, "o", int) != segment.lo or tensor is None:
             raise ProtocolError(f"expected the chunk at offset {segment.lo}")
-        values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize)
+        mode = meta.get("m", "d")
+        if mode not in ("d", "v"):
+            raise ProtocolError(f"unknown answer mode {mode!r}")
+        values, codec = await replica.call(decode, tensor, segment.hi - segment.lo, replica.spec.blocksize,
+                                           received[segment.lo : segment.hi])
         if codec != segment.codec:
             raise ProtocolError(f"chunk at {segment.lo} encoded as {codec}, expected {segment.codec}")
-        mode = meta.get("m", "d")
         if mode == "v":
             values.sub_(sent[segment.lo])
-        elif mode != "d":
-            raise ProtocolError(f"unknown answer mode {mode!r}")
-        received[segment.lo : segment.hi] = values
     return received
 
 

@@ -176,8 +176,9 @@ class GossipAverager(ServicerBase):
         """Run one exchange now, as the initiator, with ``peer`` or with a partner chosen as the clock would.
 
         Returns "ok", "busy", "unchanged" (the partner and we still agree since our last exchange), "failed",
-        "rejected", "stale", "local" (our own values are not finite) or "alone" (no partner). For tests, benchmarks and
-        for flushing before a checkpoint; the background clock does the same every ``spec.period_s``.
+        "rejected", "stale", "local" (our own values are not finite) or "alone" (no partner). For tests,
+        benchmarks and for flushing before a checkpoint; the background clock does the same every
+        ``spec.period_s``.
         """
         return self.node.loop.run(self._round(peer), timeout=3 * self.spec.timeout_s + 30)
 

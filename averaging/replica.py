@@ -16,6 +16,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import rules
+from swarmtrain.averaging.blockwise import Scratch
 from swarmtrain.averaging.codec import ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments
 from swarmtrain.averaging.flat import FlatParams
 from swarmtrain.dht.records import AveragingSpec
@@ -49,6 +50,7 @@ class LocalReplica:
         self.sample_indices = torch.arange(m, dtype=torch.int64) * self.flat.numel // m
         self.outer: Optional[rules.OuterNesterov] = None  # diloco mode only, see start_outer
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"avg-{name}")
+        self._scratches = threading.local()
         if spec.codec == "8bit":
             encode(torch.zeros(spec.blocksize), "8bit", spec.blocksize)  # load bitsandbytes now, not mid-exchange
 
@@ -120,7 +122,7 @@ class LocalReplica:
             message, _ = encode(x, "none")
             return message, x, x, own_sq, own_sq, 0.0
         meant = self.feedback.compensate(segment.lo, x)
-        message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False)
+        message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch())
         err_sq = self.feedback.update(segment.lo, meant, decoded)
         return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
 
@@ -136,9 +138,9 @@ class LocalReplica:
         own_sq = _checked_sq_norm(x)
         b = x - theirs
         if segment.codec == "8bit" and float(torch.dot(b, b)) > own_sq:
-            reply, decoded = encode(x, segment.codec, blocksize, check_finite=False)
+            reply, decoded = encode(x, segment.codec, blocksize, check_finite=False, scratch=self._scratch())
             return reply, "v", x, decoded.sub_(theirs), own_sq, float(torch.dot(theirs, theirs))
-        reply, decoded = encode(b, segment.codec, blocksize, check_finite=False)
+        reply, decoded = encode(b, segment.codec, blocksize, check_finite=False, scratch=self._scratch())
         return reply, "d", x, decoded, own_sq, float(torch.dot(theirs, theirs))
 
     def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:
@@ -182,6 +184,13 @@ class LocalReplica:
         self.apply(received, snapshot, alpha=sign * alpha)
         self.weight = new_weight
         self.version += 1
+
+    def _scratch(self) -> Scratch:
+        """This thread's reusable encoding buffer."""
+        scratch = getattr(self._scratches, "scratch", None)
+        if scratch is None:
+            scratch = self._scratches.scratch = Scratch()
+        return scratch
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -297,7 +297,10 @@ def peer_main(conn, reports) -> None:
     vectors = [torch.randn(setup.numel, generator=gen) for _ in range(setup.n)]  # every peer's, for the mean
     original, mean = vectors[setup.rank], torch.stack(vectors).mean(0)
     del vectors
-    peer = OursPeer(setup, original, mean, conn, reports) if setup.system == "ours" else HivemindPeer(setup, original, mean, conn)
+    if setup.system == "ours":
+        peer = OursPeer(setup, original, mean, conn, reports)
+    else:
+        peer = HivemindPeer(setup, original, mean, conn)
     try:
         while (message := conn.recv()) is not None:
             peer.handle(message)
@@ -434,23 +437,26 @@ def codec_benchmark(numel: int, repeats: int) -> dict:
     import torch
     from hivemind.compression import BlockwiseQuantization, CompressionInfo
 
+    from swarmtrain.averaging.blockwise import Scratch
     from swarmtrain.averaging.codec import decode, encode
 
     apply_numpy24_shim()
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
     raw_code = None
 
-    def ours():  # as exchanges call it: their norm pass over x doubles as the finiteness check
-        message, _ = encode(x, "8bit", 4096, with_decoded=False, check_finite=False)
-        return decode(message, numel, 4096)[0]
+    scratch, out = Scratch(), torch.empty(numel)
+
+    def ours():  # as exchanges call it: their norm pass doubles as the finiteness check, buffers are reused
+        message, _ = encode(x, "8bit", 4096, with_decoded=False, check_finite=False, scratch=scratch)
+        return decode(message, numel, 4096, out=out)[0]
 
     def ours_checked():  # encode() on its own, with its separate finiteness pass
         message, _ = encode(x, "8bit", 4096, with_decoded=False)
         return decode(message, numel, 4096)[0]
 
     def ours_with_sender_copy():  # what an exchange does: the sender also keeps what the receiver decodes
-        message, _ = encode(x, "8bit", 4096, with_decoded=True, check_finite=False)
-        return decode(message, numel, 4096)[0]
+        message, _ = encode(x, "8bit", 4096, with_decoded=True, check_finite=False, scratch=scratch)
+        return decode(message, numel, 4096, out=out)[0]
 
     def raw():
         codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, raw_code, 4096)

@@ -103,7 +103,8 @@ def test_delta_rule_keeps_local_progress_while_training(nodes):
     a0 = torch.arange(numel, dtype=torch.float32) % 1024
     b0 = 4096.0 - (torch.arange(numel, dtype=torch.float32) % 512)
     a, b = [a0.clone()], [b0.clone()]
-    spec = AveragingSpec(period_s=QUIET, timeout_s=10, staleness_scaling=False, chunk_elems=1 << 16, max_rel_distance=100)
+    spec = AveragingSpec(period_s=QUIET, timeout_s=10, staleness_scaling=False, chunk_elems=1 << 16,
+                         max_rel_distance=100)
     lock_a = threading.Lock()
     avg_a = _averager(nodes[0], a, spec, "delta", lock=lock_a)
     avg_b = _averager(nodes[1], b, spec, "delta")
@@ -204,7 +205,8 @@ async def _send_raw_exchange(node, peer: str, target: GossipAverager, spec: Aver
         yield protocol.request("chunk", message, o=segment.lo)
 
     stub = GossipAverager.get_stub(node.p2p, PeerID.from_base58(peer), namespace=target.namespace)
-    return [protocol.parse(reply, ("accept", "refuse", "chunk"))[0] async for reply in await stub.rpc_exchange(requests())]
+    replies = await stub.rpc_exchange(requests())
+    return [protocol.parse(reply, ("accept", "refuse", "chunk"))[0] async for reply in replies]
 
 
 @pytest.mark.timeout(60)
@@ -301,6 +303,9 @@ def _kill(proc: psutil.Process) -> None:
 
 
 def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
+    import bitsandbytes.functional as bnb_functional
+
+    from swarmtrain.averaging.blockwise import Scratch
     from swarmtrain.averaging.codec import LocalDataError, WireError, decode, encode, plan_segments
 
     x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(1))
@@ -311,6 +316,13 @@ def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
         assert name == codec and torch.equal(back, decoded)  # the sender knows exactly what the receiver sees
         errors[codec] = _rel(back, x)
     assert errors["none"] == 0 and errors["fp16"] < 1e-3 and errors["8bit"] <= 0.015, errors
+    # the 8-bit path calls bitsandbytes' kernels into our own buffers: bit-identical to its torch ops
+    qmap = bnb_functional.create_dynamic_map()
+    codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, qmap, 4096)
+    reference = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, qmap, 4096, torch.float32)
+    message, _ = encode(x, "8bit", 4096, scratch=Scratch())
+    assert message.buffer == absmax.numpy().tobytes() + codes.numpy().tobytes()
+    assert torch.equal(decode(message, x.numel(), 4096, out=torch.empty(x.numel()))[0], reference)
     assert len(encode(x, "8bit", 4096)[0].buffer) < 1.01 * x.numel()  # 1 byte per element + absmax per block
     # small tensors (biases, norms) travel as float16 under the 8-bit codec; blocks never straddle tensors
     plan = plan_segments([100, 50_000, 7, 9, 300_000], "8bit", chunk_elems=1 << 16, blocksize=4096)
