@@ -14,7 +14,11 @@ processes per system, each holding a different random float32 vector (``randn``,
   to stop; time = until every peer is within rel. L2 ``--target`` (1.5%) of the exact mean (each peer reports its
   error after every exchange it takes part in).
 
-Rounds of the two systems alternate (ours, hivemind, ours, ...) so that drifting machine load hits both alike.
+Rounds of the two systems alternate (ours, hivemind, ours, ...) so that drifting machine load hits both alike;
+one untimed warm-up round of each comes first. At N=4 one hivemind 8-bit all-reduce ends about 3% from the mean
+(each value is quantized twice, and the mean's norm is half a peer's), so it never meets the 1.5% target; its time
+per all-reduce is still reported (and ``speedup_vs_hivemind`` compares against it), and ours is also timed to
+``--loose-target`` (3%).
 Per config: median time over successful rounds; failed rounds out of ``--rounds`` (hivemind: step raised, or a
 peer ended farther than the target from the mean; ours: not within the target after ``--deadline`` s); relative
 error; wire bytes from the loopback interface counters (``/proc/net/dev``, which unlike /sys/class/net follows the
@@ -101,6 +105,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.015, help="rel. L2 distance to the exact mean")
+    parser.add_argument("--loose-target", type=float, default=0.03,
+                        help="also time ours to this distance (about where one hivemind 8-bit all-reduce ends at N=4)")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds before a round of ours counts failed")
     parser.add_argument("--chunk-elems", type=int, default=1 << 20)
     parser.add_argument("--codec-numel", type=int, default=10_000_000)
@@ -143,7 +149,8 @@ def main() -> None:
                   f"per all-reduce -> speedup {res['speedup_vs_hivemind']:.2f}x; bytes/elem moved "
                   f"{res['ours_bytes_per_elem']:.3f} vs {res['hivemind_bytes_per_elem']:.3f}; total bytes/peer-elem "
                   f"{res['ours_total_bytes_per_peer_elem']:.2f} vs {res['hivemind_total_bytes_per_peer_elem']:.2f}; "
-                  f"rel err {res['ours_rel_err']:.4f} vs {res['hivemind_rel_err']:.4f}; failed "
+                  f"rel err {res['ours_rel_err']:.4f} vs {res['hivemind_rel_err']:.4f}; ours to within "
+                  f"{args.loose_target:.0%}: {res['ours_s_to_loose_target']:.3f}s; failed "
                   f"{res['ours_failed']}/{res['rounds']} vs {res['hivemind_failed']}/{res['rounds']} "
                   f"(hivemind raised in {res['hivemind_raised']}, ended within the target in "
                   f"{res['hivemind_within_target']})", flush=True)
@@ -182,6 +189,8 @@ def run_config(ctx, args, n: int, numel: int) -> dict:
         out[f"{system}_bytes_per_elem"] = _median([r.get("bytes_per_elem") for r in timed])
         out[f"{system}_total_bytes_per_peer_elem"] = _median([r.get("total_bytes_per_peer_elem") for r in timed])
     out["ours_exchanges"] = _median([r["exchanges"] for r in rounds["ours"] if r["ok"]])
+    out["ours_s_to_loose_target"] = _median([r["loose_time_s"] for r in rounds["ours"]])
+    out["loose_target"] = args.loose_target
     if "hivemind" in rounds:
         out["hivemind_raised"] = sum(bool(r.get("errors")) for r in rounds["hivemind"])
         out["hivemind_within_target"] = sum(r["ok"] for r in rounds["hivemind"])
@@ -202,12 +211,14 @@ def round_ours(peers, index: int, n: int, numel: int, args) -> dict:
     for conn in conns:
         conn.send(Go())
     latest: dict[int, tuple] = {}
-    converged_at, end_bytes = None, None
+    converged_at, end_bytes, loose_at = None, None, None
     while time.monotonic() - started < args.deadline:
         if not reports.poll(0.05):
             continue
         rank, at, err, exchanges, failures = reports.recv()
         latest[rank] = (at, err, exchanges, failures)
+        if loose_at is None and len(latest) == n and all(e <= args.loose_target for _, e, _, _ in latest.values()):
+            loose_at = max(a for a, _, _, _ in latest.values())
         if len(latest) == n and all(e <= args.target for _, e, _, _ in latest.values()):
             converged_at, end_bytes = max(a for a, _, _, _ in latest.values()), lo_bytes()
             break
@@ -219,6 +230,7 @@ def round_ours(peers, index: int, n: int, numel: int, args) -> dict:
     ok = converged_at is not None
     exchanges = sum(x for _, _, x, _ in latest.values())
     record = {"ok": ok, "time_s": (converged_at - started) if ok else None,
+              "loose_time_s": (loose_at - started) if loose_at is not None else None,
               "rel_err": max(e for _, e, _, _ in latest.values()) if latest else None, "exchanges": exchanges,
               "exchange_failures": sum(f for _, _, _, f in latest.values()),
               "exchange_failures_incl_stop": sum(r.failures for r in results)}
