@@ -60,9 +60,10 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
     bad data, LocalDataError if our own values are not finite, TimeoutError when the partner stalls past
     ``spec.timeout_s`` and ConnectionError (or another p2p error) when it goes away. Parameters change only on
-    "ok". There is no await between the partner's "done" and our own half, so no timeout or shutdown can
-    separate the two halves of an exchange (only a "done" lost on the wire can). ``partner`` receives the
-    partner's ``state`` (exchanges applied, local step) from its "accept"."""
+    "ok". Once the partner's "done" has arrived our own half is scheduled (shielded) before anything else can
+    happen, so no timeout or shutdown can separate the two halves of an exchange (only a "done" lost on the
+    wire can). ``partner`` receives the partner's ``state`` (exchanges applied, local step) from its "accept"
+    and whether the pair ``agree`` s afterwards."""
     outbox: asyncio.Queue = asyncio.Queue()
     spec = replica.spec
     deadline = asyncio.get_running_loop().time() + spec.timeout_s

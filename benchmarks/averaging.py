@@ -39,6 +39,7 @@ Run: ``.venv/bin/python benchmarks/averaging.py [--peers 2 4] [--sizes 1000000 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -395,7 +396,8 @@ class OursPeer:
         if self.averager is not None:
             self.averager.shutdown()
         self.node.shutdown()
-        os.unlink(self.identity.path)
+        with contextlib.suppress(FileNotFoundError):  # a throwaway identity may be cleaned up with its node
+            os.unlink(self.identity.path)
 
 
 class HivemindPeer:

@@ -5,7 +5,8 @@ good model? All on 127.0.0.1, real peer processes (SwarmNode + GossipAverager + 
 Task: scikit-learn's digits (1,797 8x8 scans, bundled, no download), an MLP 64-256-256-10, 25% held out for
 validation. The training set is sorted by label and cut into N contiguous shards, so each peer sees only about
 10/N of the classes (strongly non-IID: a peer alone cannot learn the others). Every variant runs the same number
-of local steps (``--steps``, batch ``--batch``) from the same initial model:
+of local steps (``--steps``, batch ``--batch``, ``--step-delay`` s of pause after each, standing in for a real
+step's time) from the same initial model:
 
 * ``centralized``: one process, batch N x ``--batch`` over all the training data (the data-parallel ideal);
 * ``independent``: N peers, no averaging (what each slice alone gives);
@@ -16,11 +17,12 @@ Reported per variant: validation loss and accuracy of the peers' mean model and 
 accuracies, the spread of the peers around their mean (relative L2 of the parameters), wall time, exchanges and
 averaging bytes per peer. The LAST line printed is one JSON object ``{"variants": {name: {...}}, "config": {...}}``.
 
-Run: ``.venv/bin/python benchmarks/convergence.py [--peers 4] [--steps 600] [--period 0.2]``
+Run: ``.venv/bin/python benchmarks/convergence.py [--peers 4] [--steps 1500] [--period 0.05]``
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -34,10 +36,12 @@ LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--period", type=float, default=0.2, help="averaging period of each peer (s)")
+    parser.add_argument("--period", type=float, default=0.05, help="averaging period of each peer (s)")
+    parser.add_argument("--step-delay", type=float, default=0.005,
+                        help="pause after each local step (s), standing in for the time a real step takes")
     parser.add_argument("--codecs", nargs="+", default=["none", "8bit"])
     parser.add_argument("--skip-diloco", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,6 +141,7 @@ def peer_main(conn, rank: int, args, codec, mode: str, initial_peers: list) -> N
         train_step(model, opt, x[idx], y[idx], lock)
         if averager is not None:
             averager.on_local_step(step + 1, (step + 1) * args.batch)
+        time.sleep(args.step_delay)
     report = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()}
     if averager is not None:
         stats = averager.stats()
@@ -147,7 +152,8 @@ def peer_main(conn, rank: int, args, codec, mode: str, initial_peers: list) -> N
     if averager is not None:
         averager.shutdown()
         node.shutdown()
-        os.unlink(identity.path)
+        with contextlib.suppress(FileNotFoundError):  # a throwaway identity may be cleaned up with its node
+            os.unlink(identity.path)
 
 
 # ---- task ----
@@ -196,7 +202,7 @@ def train_step(model, opt, x, y, lock=None) -> float:
     else:
         with lock:
             opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def summarize(flats: list, val, args, elapsed: float, reports: list) -> dict:
