@@ -80,6 +80,7 @@ class LocalReplica:
         """Overwrite all parameters with ``state`` (one lock acquisition)."""
         with self.lock:
             self.flat.copy_(state)
+        self.version += 1  # our values changed: no partner may treat us as "unchanged"
         if self.outer is not None:
             self.outer = rules.OuterNesterov(state, self.spec.outer_lr, self.spec.outer_momentum)
 
