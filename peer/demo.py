@@ -154,15 +154,7 @@ class Demo:
 
     def _stop_peers(self, observer: Optional[SwarmObserver]) -> None:
         """SIGTERM the peers; each evaluates once more and publishes a final heartbeat before it exits."""
-        peers = [(n, p) for n, p in self.processes if n.startswith("peer-")]
-        for _, process in peers:  # the leader only: its DHT process and p2pd must live until it has said goodbye
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for _, process in peers:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        _terminate_leaders([p for n, p in self.processes if n.startswith("peer-")], timeout_s=30)
         if observer is not None:
             try:
                 self._observe(observer)
@@ -170,15 +162,9 @@ class Demo:
                 print(f"could not read the peers' final heartbeats ({e}); reporting the last ones seen", flush=True)
 
     def _stop_all(self) -> None:
-        for _, process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        processes = [p for _, p in self.processes]
+        _terminate_leaders(processes, timeout_s=15)
+        for process in processes:
             _signal_group(process, signal.SIGKILL)  # whatever is left of the group (DHT process, p2pd)
             process.wait()
 
@@ -207,6 +193,20 @@ def _mean(values: list[float]) -> Optional[float]:
 
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _terminate_leaders(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM each group leader still running (only the leader: its DHT process and p2pd must outlive its
+    goodbye), then wait for them all until a shared deadline."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
