@@ -95,7 +95,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         if partner is not None:  # lossless enough that the pair agrees afterwards (else re-averaging helps)
             partner["agree"] = spec.codec != "8bit" or precise
         step0 = local_step()
-        snapshot = torch.empty(replica.numel) if replica.outer is not None else None
+        snapshot = torch.empty(replica.numel) if replica.needs_snapshot else None
         sent: dict[int, torch.Tensor] = {}
         sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise, sent))
         stage = "waiting for answers"
@@ -156,7 +156,7 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
         yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step],
                                 sample=sample.numpy().tobytes())
         received = torch.empty(replica.numel)
-        snapshot = torch.empty(replica.numel) if replica.outer is not None else None
+        snapshot = torch.empty(replica.numel) if replica.needs_snapshot else None
         own_sq = their_sq = 0.0
         for segment in segments:
             message = meter.inp(await asyncio.wait_for(anext(requests), timeout))

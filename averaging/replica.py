@@ -71,6 +71,11 @@ class LocalReplica:
         if self.spec.mode == "diloco" and self.outer is None:
             self.outer = rules.OuterNesterov(self.snapshot(), self.spec.outer_lr, self.spec.outer_momentum)
 
+    @property
+    def needs_snapshot(self) -> bool:
+        """Whether an exchange must keep the values it was computed from (diloco mode, "overwrite" rule)."""
+        return self.outer is not None or self.spec.rule == "overwrite"
+
     def snapshot(self) -> torch.Tensor:
         """A float32 copy of all parameters, taken in one lock acquisition (consistent across tensors)."""
         with self.lock:
@@ -166,15 +171,21 @@ class LocalReplica:
     def apply(self, delta: torch.Tensor, snapshot: Optional[torch.Tensor], alpha: float = 1.0) -> None:
         """Add the pair-averaging move ``alpha * delta`` to the live parameters, chunk by chunk under the lock (so
         the trainer never waits long); in diloco mode move to the outer optimizer's new point instead, relative
-        to the values ``snapshot`` the exchange was computed from."""
+        to the values ``snapshot`` the exchange was computed from. With ``spec.rule == "overwrite"`` the
+        parameters are *set* to ``snapshot + alpha * delta`` instead (naive averaging without delay
+        compensation: whatever the trainer did since the snapshot is lost)."""
+        if self.needs_snapshot and snapshot is None:
+            raise ValueError(f"{self.spec.mode} mode with rule {self.spec.rule!r} needs the exchange's snapshot")
         if self.outer is not None:
-            if snapshot is None:
-                raise ValueError("diloco mode needs the snapshot the exchange was computed from")
             delta, alpha = self.outer.step(snapshot + alpha * delta) - snapshot, 1.0
         step = self.spec.chunk_elems
         for lo in range(0, self.flat.numel, step):
             with self.lock:
-                self.flat.add_(lo, delta[lo : lo + step], alpha=alpha)
+                if self.spec.rule == "overwrite":
+                    target = snapshot[lo : lo + step] + alpha * delta[lo : lo + step]
+                    self.flat.add_(lo, target.sub_(self.flat.read(lo, lo + target.numel())))
+                else:
+                    self.flat.add_(lo, delta[lo : lo + step], alpha=alpha)
 
     def apply_mixing(self, received: torch.Tensor, other_weight: float, factor: float, sign: float,
                      snapshot: Optional[torch.Tensor]) -> None:

@@ -76,6 +76,10 @@ class AveragingSpec(_Strict):
     codec: Literal["none", "fp16", "8bit"] = "none"
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 4096
     chunk_elems: int = Field(1 << 20, ge=4096, le=1 << 24)  # elements per streamed message
+    # how an exchange lands: "delta" adds the pair-averaging move to the live parameters (keeps local progress made
+    # during the exchange: delay compensation); "overwrite" sets them to the pair average computed from the
+    # exchange's snapshot (naive averaging: progress since the snapshot is lost; for comparisons)
+    rule: Literal["delta", "overwrite"] = "delta"
     staleness_scaling: bool = True  # scale an exchange by 1/sqrt(1 + local steps since its snapshot)
     max_staleness: int = Field(256, ge=0)  # drop an exchange older than this many local steps
     max_rel_distance: Finite = Field(4.0, gt=0)  # reject partners farther than this x the parameter norm

@@ -95,19 +95,21 @@ def test_three_peers_converge_to_the_mean(nodes):
 
 
 @pytest.mark.timeout(60)
-def test_delta_rule_keeps_local_progress_while_training(nodes):
+@pytest.mark.parametrize("rule", ["delta", "overwrite"])
+def test_delta_rule_keeps_local_progress_while_training(nodes, rule):
     """Peer a trains (adds c per step under its lock) while averaging with b; the hand-computed rule:
     b_final = b0 - (b0 - a_snap)/2 and a_final = a0 + k*c + (b0 - a_snap)/2, where a_snap = a0 + j*c for some
-    0 <= j <= k per element (the step at which that chunk was read)."""
+    0 <= j <= k per element (the step at which that chunk was read). The naive "overwrite" rule instead sets
+    a_final = (a_snap + b0)/2: the k - j steps a made during the exchange are lost."""
     numel, c = 600_000, 0.25
     a0 = torch.arange(numel, dtype=torch.float32) % 1024
     b0 = 4096.0 - (torch.arange(numel, dtype=torch.float32) % 512)
     a, b = [a0.clone()], [b0.clone()]
     spec = AveragingSpec(period_s=QUIET, timeout_s=10, staleness_scaling=False, chunk_elems=1 << 16,
-                         max_rel_distance=100)
+                         max_rel_distance=100, rule=rule)
     lock_a = threading.Lock()
-    avg_a = _averager(nodes[0], a, spec, "delta", lock=lock_a)
-    avg_b = _averager(nodes[1], b, spec, "delta")
+    avg_a = _averager(nodes[0], a, spec, rule, lock=lock_a)
+    avg_b = _averager(nodes[1], b, spec, rule)
     steps = 0
     stop = threading.Event()
 
@@ -127,6 +129,7 @@ def test_delta_rule_keeps_local_progress_while_training(nodes):
         while steps < 5:
             time.sleep(0.01)
         assert avg_a.average_once(nodes[1].peer_id) == "ok"
+        k_returned = steps
         time.sleep(0.02)
     finally:
         stop.set()
@@ -138,9 +141,15 @@ def test_delta_rule_keeps_local_progress_while_training(nodes):
     j = (a_snap - a0) / c
     assert torch.allclose(j, j.round(), atol=1e-3) and j.min() >= 0 and j.max() <= k, (j.min(), j.max(), k)
     assert j.max() > 0, "training was not interleaved with the exchange"
-    expected_a = a0 + k * c + (b0 - a_snap) / 2
-    assert torch.allclose(a[0], expected_a, atol=1e-3)
-    assert torch.allclose(a[0] + b[0], a0 + b0 + k * c, atol=1e-3)  # the pair's sum keeps all local progress
+    if rule == "overwrite":  # a = pair average from the snapshot + only the steps made after its chunk landed
+        kept = (a[0] - (a_snap + b0) / 2) / c
+        assert torch.allclose(kept, kept.round(), atol=1e-3), "a is not the snapshot's pair average + whole steps"
+        assert kept.min() >= k - k_returned - 1e-3 and (kept <= k - j + 1e-3).all()
+        assert float((k - j - kept).max()) > 0.5, "no local step was lost: the exchange did not overlap training"
+    else:
+        expected_a = a0 + k * c + (b0 - a_snap) / 2
+        assert torch.allclose(a[0], expected_a, atol=1e-3)
+        assert torch.allclose(a[0] + b[0], a0 + b0 + k * c, atol=1e-3)  # the pair's sum keeps all local progress
     assert avg_a.stats().rounds == 1 and avg_b.stats().served == 1
 
 
