@@ -68,7 +68,8 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     spec = replica.spec
     deadline = asyncio.get_running_loop().time() + spec.timeout_s
     hello = protocol.hello(group, replica.numel, replica.layout, spec.codec, spec.blocksize, spec.chunk_elems,
-                           replica.weight, (replica.version, local_step()), unchanged_if)
+                           replica.weight, (replica.version, local_step()), unchanged_if,
+                           sample=spec.codec == "8bit" and spec.adaptive_precision)
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield meter.out(hello)
@@ -152,9 +153,8 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
     timeout = replica.spec.timeout_s
     outcome.weight = hello["weight"]
     try:
-        sample = await replica.call(replica.sample)
-        yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step],
-                                sample=sample.numpy().tobytes())
+        sample = (await replica.call(replica.sample)).numpy().tobytes() if hello.get("sample", True) else None
+        yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step], sample=sample)
         received = torch.empty(replica.numel)
         snapshot = torch.empty(replica.numel) if replica.needs_snapshot else None
         own_sq = their_sq = 0.0

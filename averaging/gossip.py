@@ -47,8 +47,9 @@ class GossipAverager(ServicerBase):
        agree, so its error shrinks with it), except that a partner farther away than its values are large sends
        ``Q(x_p)`` itself (``D = Q(x_p) - A``); ``A`` is 8-bit unless the partner is within
        a few 8-bit quantization errors (estimated from 4096 sampled values the partner sends with "accept"),
-       then float16, since 8-bit *values* would keep the pair about 1% apart; tensors under 4096 elements always
-       travel as float16.
+       then float16, since 8-bit *values* would keep the pair about 1% apart (``spec.adaptive_precision``; off:
+       always 8-bit, about 1.01 bytes per element); tensors under 4096 elements always travel as float16.
+       ``e_s`` is only kept with ``spec.error_feedback``.
     2. ``s`` picks the mixing factor ``f = s(tau) * clip`` (``tau``: local steps since its first chunk,
        ``s(tau) = 1/sqrt(1 + tau)``; dropped above ``spec.max_staleness``; ``clip``: optional CenteredClip) and
        sends ``commit f``; ``p`` applies ``x_p -= alpha_p * D`` and answers ``done``; then ``s`` applies

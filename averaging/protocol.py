@@ -45,13 +45,14 @@ def response(kind: str, tensor: Optional[runtime_pb2.Tensor] = None, **fields: A
 
 
 def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, chunk_elems: int, weight: float,
-          state: tuple[int, int] = (0, 0), unchanged_if: Optional[tuple[int, int]] = None):
+          state: tuple[int, int] = (0, 0), unchanged_if: Optional[tuple[int, int]] = None, sample: bool = True):
     """The first message of an exchange: what the initiator averages (group, layout), how (codec, chunking), its
     push-sum weight and state (exchanges applied, local step); with ``unchanged_if`` the partner refuses
-    ("unchanged") if its own state is still that one, i.e. the pair already agrees."""
+    ("unchanged") if its own state is still that one, i.e. the pair already agrees; ``sample``: whether the
+    partner should send sampled values with "accept" (only needed to choose the precision of 8-bit values)."""
     return request("hello", v=PROTOCOL_VERSION, group=group, numel=numel, layout=layout, codec=codec,
                    blocksize=blocksize, chunk_elems=chunk_elems, weight=weight, state=list(state),
-                   unchanged_if=list(unchanged_if) if unchanged_if is not None else None)
+                   unchanged_if=list(unchanged_if) if unchanged_if is not None else None, sample=sample)
 
 
 def parse(message, expected: tuple[str, ...]) -> tuple[str, dict, Optional[runtime_pb2.Tensor]]:

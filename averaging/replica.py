@@ -105,7 +105,8 @@ class LocalReplica:
         """Codec "8bit": whether to send our values as float16 this time. Yes when the partner is within
         ``PRECISION_MARGIN`` times our 8-bit quantization error (estimated from the samples): then 8-bit values
         would keep the pair about that error apart; the differences the partner answers stay 8-bit."""
-        if self.spec.codec != "8bit" or partner_sample.numel() != self.sample_indices.numel():
+        if (self.spec.codec != "8bit" or not self.spec.adaptive_precision
+                or partner_sample.numel() != self.sample_indices.numel()):
             return False
         ours = self.sample()
         scale = self.flat.numel / max(1, ours.numel())
@@ -127,6 +128,10 @@ class LocalReplica:
         if codec == "none":
             message, _ = encode(x, "none")
             return message, x, x, own_sq, own_sq, 0.0
+        if not self.spec.error_feedback:
+            message, decoded = encode(x, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch())
+            err_sq = float(torch.sum((x - decoded) ** 2)) if self.spec.adaptive_precision else 0.0
+            return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
         meant = self.feedback.compensate(segment.lo, x)
         message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch())
         err_sq = self.feedback.update(segment.lo, meant, decoded)

@@ -9,7 +9,11 @@ processes per system, each holding a different random float32 vector (``randn``,
   below: hivemind's header read ``int(np.frombuffer(..., count=1))`` gets a 0-d array), ``target_group_size =
   min_group_size = N``, ``min_matchmaking_time`` 2 s, ``request_timeout`` 1 s (the anchor's settings). A round:
   reset every vector, all peers call ``step()`` at once; time = until the last peer's step returned.
-* ``ours``: one ``SwarmNode`` + ``GossipAverager`` (codec ``8bit``, blocksize 4096) per process. A round: a fresh
+* ``ours``: one ``SwarmNode`` + ``GossipAverager`` (codec ``8bit``, blocksize 4096, and unless
+  ``--error-feedback`` / ``--adaptive-precision`` are given with both manifest options off: every value and every
+  answer travels as 8 bits, ~1.01 bytes per element; for averaging *static* tensors the error-feedback residuals
+  only add noise, since push-sum already keeps the swarm's mass exact, and float16 values cost 2 bytes) per
+  process. A round: a fresh
   averaging group, every vector reset, then each peer runs exchanges back to back (``average_once``) until told
   to stop; time = until every peer is within rel. L2 ``--target`` (1.5%) of the exact mean (each peer reports its
   error after every exchange it takes part in).
@@ -66,6 +70,8 @@ class Setup:
     initial_peers: list
     chunk_elems: int = 1 << 20
     log_level: str = "WARNING"
+    error_feedback: bool = False
+    adaptive_precision: bool = False
 
 
 @dataclass
@@ -113,6 +119,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--codec-numel", type=int, default=10_000_000)
     parser.add_argument("--codec-repeats", type=int, default=5)
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--error-feedback", action="store_true",
+                        help="ours: carry 8-bit residuals into the next exchange (manifest default; off here, see doc)")
+    parser.add_argument("--adaptive-precision", action="store_true",
+                        help="ours: float16 values once partners are close (manifest default; off here, see doc)")
     parser.add_argument("--verbose", action="store_true", help="log every failed exchange of our peers")
     parser.add_argument("--no-netns", action="store_true", help="measure on the shared loopback interface")
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +175,7 @@ def main() -> None:
 def run_config(ctx, args, n: int, numel: int) -> dict:
     systems = ["ours"] + ([] if args.skip_hivemind else ["hivemind"])
     level = "DEBUG" if args.verbose else "WARNING"
-    peers = {system: start_peers(ctx, system, n, numel, args.chunk_elems, level) for system in systems}
+    peers = {system: start_peers(ctx, system, n, numel, args.chunk_elems, level, args) for system in systems}
     rounds: dict[str, list] = {system: [] for system in systems}
     try:
         for system in systems:  # one untimed warm-up round each (first matchmaking, first connections, imports)
@@ -266,7 +276,7 @@ def round_hivemind(peers, index: int, n: int, numel: int, args) -> dict:
 # ---- peer processes ----
 
 
-def start_peers(ctx, system: str, n: int, numel: int, chunk_elems: int, log_level: str):
+def start_peers(ctx, system: str, n: int, numel: int, chunk_elems: int, log_level: str, args):
     reports_out, reports_in = None, None
     if system == "ours":
         reports_in, reports_out = ctx.Pipe(duplex=False)
@@ -275,7 +285,8 @@ def start_peers(ctx, system: str, n: int, numel: int, chunk_elems: int, log_leve
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=peer_main, args=(child, reports_out))  # not daemonic: it starts p2pd and DHTs
         proc.start()
-        parent.send(Setup(system, rank, n, numel, maddrs, chunk_elems, log_level))
+        parent.send(Setup(system, rank, n, numel, maddrs, chunk_elems, log_level, args.error_feedback,
+                          args.adaptive_precision))
         ready = _expect(_recv(parent, proc), Ready)
         if rank == 0:
             maddrs = ready.maddrs
@@ -345,7 +356,9 @@ class OursPeer:
         from swarmtrain.dht.records import AveragingSpec
 
         if isinstance(message, Round):
-            spec = AveragingSpec(period_s=3600, timeout_s=30, codec="8bit", chunk_elems=self.setup.chunk_elems)
+            spec = AveragingSpec(period_s=3600, timeout_s=30, codec="8bit", chunk_elems=self.setup.chunk_elems,
+                                 error_feedback=self.setup.error_feedback,
+                                 adaptive_precision=self.setup.adaptive_precision)
             self.params[0].copy_(self.original)
             self.lock = threading.Lock()
             self.averager = GossipAverager(self.node, self.directory, self.params, self.lock, spec,

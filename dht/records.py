@@ -75,6 +75,13 @@ class AveragingSpec(_Strict):
     # wire encoding of exchanges: float32, float16, or 8-bit blockwise (tensors < 4096 elements as float16)
     codec: Literal["none", "fp16", "8bit"] = "none"
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 4096
+    # 8bit: carry what encoding dropped into the next message (e_{t+1} = x_t + e_t - Q(x_t + e_t)). Push-sum keeps
+    # the swarm's mass exact without it (both sides apply the same decoded move); it evens out 8-bit rounding of
+    # values that keep changing (training) at the price of more noise per exchange for static ones
+    error_feedback: bool = True
+    # 8bit: send our values as float16 when the partner is within a few 8-bit errors (pairs then agree exactly,
+    # ~1.5 bytes per element); False: always 8-bit (~1.01 bytes per element, pairs stay ~1% apart)
+    adaptive_precision: bool = True
     chunk_elems: int = Field(1 << 20, ge=4096, le=1 << 24)  # elements per streamed message
     # how an exchange lands: "delta" adds the pair-averaging move to the live parameters (keeps local progress made
     # during the exchange: delay compensation); "overwrite" sets them to the pair average computed from the

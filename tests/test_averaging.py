@@ -391,6 +391,45 @@ def test_error_feedback_keeps_the_accumulated_error_bounded():
     assert fed_err == pytest.approx(feedback.norm(), rel=1e-3)  # what is still owed is exactly the residual
 
 
+@pytest.mark.timeout(60)
+def test_8bit_only_moves_about_one_byte_per_element_and_adaptive_precision_more(nodes):
+    """With ``adaptive_precision=False`` every exchange sends 8-bit values and 8-bit answers (~1 byte per element
+    each way, no float16 and no sampled values); by default, once the pair is close, the initiator's values go as
+    float16 (~1.5 bytes per element). Either way the pair's sum is kept exactly (push-sum)."""
+    numel = 1 << 20
+    gen = torch.Generator().manual_seed(5)
+    a0, b0 = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    moved = {}
+    for adaptive in (False, True):
+        a, b = [a0.clone()], [b0.clone()]
+        spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", adaptive_precision=adaptive,
+                             error_feedback=adaptive)
+        group = f"bytes{int(adaptive)}"
+        avg_a, avg_b = _averager(nodes[0], a, spec, group), _averager(nodes[1], b, spec, group)
+        try:
+            avg_b.start()
+            per_exchange = []
+            for _ in range(3):
+                before = avg_a.stats()
+                outcome = avg_a.average_once(nodes[1].peer_id)
+                if outcome == "unchanged" and adaptive and len(per_exchange) >= 2:
+                    break  # float16 values made the pair agree: nothing left to average
+                assert outcome == "ok"
+                after = avg_a.stats()
+                total = after.bytes_sent + after.bytes_received - before.bytes_sent - before.bytes_received
+                per_exchange.append(total / (2 * numel))
+        finally:
+            avg_a.shutdown()
+            avg_b.shutdown()
+        assert torch.allclose(a[0] + b[0], a0 + b0, atol=1e-4)  # exact mass, whatever the codec dropped
+        assert _rel(a[0], (a0 + b0) / 2) < 0.015 and _rel(b[0], (a0 + b0) / 2) < 0.015
+        if not adaptive:
+            assert avg_a.replica.feedback.residual is None  # no error feedback kept
+        moved[adaptive] = per_exchange
+    assert all(1.0 <= x <= 1.02 for x in moved[False]), moved
+    assert max(moved[True][1:]) > 1.4, moved  # float16 values once the pair agrees to within 8-bit errors
+
+
 def test_exchange_rules_by_hand():
     from swarmtrain.averaging import rules
 
