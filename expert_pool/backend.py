@@ -55,6 +55,7 @@ class ExpertBackend:
         self.lock = threading.Lock()
         self.calls = 0
         self.steps = 0
+        self._step_pending = False  # gradients set by backward(step=False), waiting for step()
         self._rate = 0.0  # rows/s, exponentially decayed with LOAD_TAU_S
         self._rate_time = time.monotonic()
 
@@ -65,8 +66,9 @@ class ExpertBackend:
             self._count(x.shape[0])
         return out
 
-    def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. ``x`` of ``<module(x), grad_out>``; then one optimizer step on the same batch."""
+    def backward(self, x: torch.Tensor, grad_out: torch.Tensor, step: bool = True) -> torch.Tensor:
+        """Gradient w.r.t. ``x`` of ``<module(x), grad_out>``; then one optimizer step on the same batch, right
+        away, or with ``step=False`` when the caller calls :meth:`step` (after it has sent the gradient)."""
         with self.lock:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -74,11 +76,21 @@ class ExpertBackend:
                 grad_x, *grad_params = torch.autograd.grad(out, [x, *self.module.parameters()], grad_out)
             for param, grad in zip(self.module.parameters(), grad_params):
                 param.grad = grad
+            self._step_pending = True
+            self._count(x.shape[0])
+        if step:
+            self.step()
+        return grad_x
+
+    def step(self) -> None:
+        """Apply the optimizer step of the last :meth:`backward` (no-op if it was applied already)."""
+        with self.lock:
+            if not self._step_pending:
+                return
+            self._step_pending = False
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps += 1
-            self._count(x.shape[0])
-        return grad_x
 
     def load(self) -> ExpertLoad:
         """Current load: rows/s moving average, calls served, optimizer steps applied."""

@@ -12,7 +12,7 @@ Network surface (grep ``rpc_``), all streams of ``runtime_pb2.ExpertRequest`` ->
 
 * ``rpc_forward``: tensors ``[x]`` -> ``[expert(x)]`` computed without autograd;
 * ``rpc_backward``: tensors ``[x, grad_out]`` -> ``[grad_x]``; recomputes the forward with autograd and applies
-  one optimizer step of the expert per processed batch;
+  one optimizer step of the expert per processed batch, applied right after its gradients are sent;
 * ``rpc_session``: a long-lived stream per caller carrying many forward/backward calls, each tagged with an id
   (``metadata["id"]``, ``metadata["verb"]``) and answered as soon as it is done, in any order. Opening a libp2p
   stream per call costs ~1.3 ms of CPU across both daemons and both processes; a call on an open session
@@ -126,7 +126,8 @@ class ExpertServer(ServicerBase):
         if module.hidden != spec.hidden:
             raise ValueError(f"expert {uid!r} has hidden size {module.hidden}, the run uses {spec.hidden}")
         backend = ExpertBackend(uid, module, self.manifest.optimizer)
-        self._queues[uid] = BatchQueue(self._compute_fn(backend), self._executor, self.max_batch_rows, self.max_wait_s)
+        self._queues[uid] = BatchQueue(self._compute_fn(backend), self._executor, self.max_batch_rows, self.max_wait_s,
+                                       finish=lambda verb: backend.step() if verb == "backward" else None)
         self._backends[uid] = backend
 
     def remove_expert(self, uid: str) -> None:
@@ -339,7 +340,8 @@ class ExpertServer(ServicerBase):
     @staticmethod
     def _compute_fn(backend: ExpertBackend):
         def compute(verb: Verb, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return backend.forward(*tensors) if verb == "forward" else backend.backward(*tensors)
+            # the optimizer step follows once the gradients are on their way (BatchQueue's finish)
+            return backend.forward(*tensors) if verb == "forward" else backend.backward(*tensors, step=False)
 
         return compute
 

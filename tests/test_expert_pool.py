@@ -512,3 +512,45 @@ def _copy(module):
     clone = make_expert("text.0.0", HIDDEN, FFN, 0)
     clone.load_state_dict(module.state_dict())
     return clone
+
+
+def test_optimizer_step_runs_after_the_answer_and_before_the_next_batch():
+    """BatchQueue's ``finish`` (the server's optimizer step) starts only after the backward's caller has its
+    gradient, and the expert's next batch waits until it is done."""
+    import asyncio
+    import concurrent.futures
+
+    from swarmtrain.expert_pool.batching import BatchQueue
+
+    events: list[str] = []
+
+    def compute(verb, tensors):
+        events.append(f"compute {verb}")
+        return tensors[0] * 2
+
+    def finish(verb):
+        events.append(f"finish {verb} start")
+        time.sleep(0.1)
+        events.append(f"finish {verb} end")
+
+    async def scenario():
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            queue = BatchQueue(compute, pool, max_batch_rows=64, finish=finish)
+
+            async def backward():
+                out = await queue.submit("backward", (torch.ones(2, 4), torch.ones(2, 4)))
+                events.append("backward answered")
+                return out
+
+            async def forward_later():
+                await asyncio.sleep(0.02)  # arrives while the step runs
+                out = await queue.submit("forward", (torch.ones(3, 4),))
+                events.append("forward answered")
+                return out
+
+            grad, out = await asyncio.gather(backward(), forward_later())
+            assert torch.equal(grad, torch.full((2, 4), 2.0)) and torch.equal(out, torch.full((3, 4), 2.0))
+
+    asyncio.run(scenario())
+    assert events.index("backward answered") < events.index("finish backward end"), events
+    assert events.index("finish backward end") < events.index("compute forward"), events
