@@ -30,10 +30,11 @@ def batch_to(batch, device: torch.device):
 def build_optimizer(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """The local optimizer named by the manifest (adam8bit is bitsandbytes' 8-bit Adam)."""
     params = [p for p in params if p.requires_grad]
+    # fused: one kernel per step for all tensors (several times faster than the default on CPU)
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, fused=True)
     if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, fused=True)
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.betas[0], weight_decay=spec.weight_decay)
     if spec.name == "adam8bit":
