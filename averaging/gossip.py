@@ -293,7 +293,8 @@ class GossipAverager(ServicerBase):
             return "busy"  # serving someone right now: that counts as this period's exchange
         if peer is None:
             found = await self.rendezvous.partners(self.group)
-            order = choose_partners([p for p in found if not self.penalties.banned(p)], self._last_met, self._rng)
+            order = choose_partners([p for p in found if not self.penalties.banned(p)], self._last_met, self._rng,
+                                    last=self._last_partner)
         else:
             order = [peer]
         outcome = "alone"

@@ -104,12 +104,18 @@ class Penalties:
         return time.monotonic() < self._banned_until.get(peer, 0.0)
 
 
-def choose_partners(candidates: list[str], last_met: dict[str, float], rng: random.Random, limit: int = 3) -> list[str]:
-    """Order ``candidates`` to try: those met least recently first (random among equals), at most ``limit``.
+def choose_partners(candidates: list[str], last_met: dict[str, float], rng: random.Random, limit: int = 3,
+                    last: Optional[str] = None) -> list[str]:
+    """Order ``candidates`` to try: those met least recently first (random among equals), at most ``limit``;
+    never ``last`` (the partner of our previous exchange) while there is anyone else.
 
     Meeting the least recently met peer spreads information like a hypercube all-reduce when the swarm is small,
-    instead of re-averaging with a partner whose values are already close to ours.
+    instead of re-averaging with a partner whose values are already close to ours. Excluding the previous partner
+    matters when the others are busy: two pairs that always found each other busy would otherwise keep averaging
+    within themselves and the swarm would split into pairs.
     """
+    if last is not None and len(candidates) > 1:
+        candidates = [peer for peer in candidates if peer != last]
     shuffled = list(candidates)
     rng.shuffle(shuffled)
     shuffled.sort(key=lambda peer: last_met.get(peer, -float("inf")))

@@ -642,3 +642,17 @@ def test_expert_replicas_average_in_their_own_group_beside_the_replicated_one(no
     assert max(_rel(x, shared_mean) for x in shared) < 0.01
     assert max(_rel(x, expert_mean) for x in expert) < 0.01
     assert all(s.failures == 0 and s.rejected == 0 for s in stats), stats
+
+
+def test_partner_choice_prefers_the_least_recently_met_and_skips_the_previous_partner():
+    """Least recently met first; the previous partner only when nobody else is there (else two pairs that find
+    each other busy would keep averaging among themselves and the swarm would split into pairs)."""
+    import random
+
+    from swarmtrain.averaging.rendezvous import choose_partners
+
+    rng = random.Random(0)
+    last_met = {"a": 3.0, "b": 1.0, "c": 2.0}
+    assert choose_partners(["a", "b", "c", "d"], last_met, rng) == ["d", "b", "c"]
+    assert choose_partners(["a", "b", "c"], last_met, rng, last="b") == ["c", "a"]
+    assert choose_partners(["b"], last_met, rng, last="b") == ["b"]
