@@ -10,6 +10,11 @@ import time
 import psutil
 import pytest
 
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning. On a loaded 2-core machine the
+# default (active) policy lets a test's 2 OpenMP threads spin after every small op and starve everything else
+# (benchmarks/expert_pool.py measured 402 ms vs 32 ms per step); child processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
