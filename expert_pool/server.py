@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from typing import AsyncIterator, Mapping, Optional, Sequence
@@ -50,6 +51,7 @@ from swarmtrain.expert_pool.wire import (
 )
 
 logger = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 5.0  # how long a finished single-call stream waits for the caller's end-of-stream
 MAX_SESSION_CALLS = 64  # calls in flight on one session; the stream is not read further until some complete
 _INPUTS: dict[str, tuple[str, ...]] = {"forward": ("x",), "backward": ("x", "grad_out")}
 
@@ -192,6 +194,7 @@ class ExpertServer(ServicerBase):
         """Forward pass of one expert on a batch of rows (one call per stream)."""
         for message in await self._serve_one("forward", requests, context):
             yield message
+        await _drain(requests)
 
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -199,6 +202,7 @@ class ExpertServer(ServicerBase):
         """Backward pass (grad w.r.t. inputs) of one expert, then one optimizer step of it (one call per stream)."""
         for message in await self._serve_one("backward", requests, context):
             yield message
+        await _drain(requests)
 
     async def rpc_session(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -260,6 +264,7 @@ class ExpertServer(ServicerBase):
             messages = error_response(str(e))
         for message in messages:
             yield message
+        await _drain(requests)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -345,3 +350,14 @@ class ExpertServer(ServicerBase):
 
         return compute
 
+
+async def _drain(requests: AsyncIterator, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Read (and drop) what the caller still sends, up to its end-of-stream, before our side closes: closing first
+    races with its writes in flight (the end-of-stream marker), and the stream reset that follows can drop our last
+    response message before the caller reads it (seen under load with a 5 MiB answer in two messages)."""
+    async def until_end() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(until_end(), timeout)
