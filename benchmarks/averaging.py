@@ -55,6 +55,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from _children import expect, median, recv  # benchmarks/ is first on sys.path when a benchmark runs
+
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
@@ -195,12 +197,12 @@ def run_config(ctx, args, n: int, numel: int) -> dict:
         # if it raised *or* ended farther than the target from the mean, but its time is still its time)
         timed = [r for r in rounds[system] if (r["ok"] if system == "ours" else not r.get("errors"))]
         out[f"{system}_failed"] = sum(not r["ok"] for r in rounds[system])
-        out[f"{system}_s"] = _median([r["time_s"] for r in timed])
-        out[f"{system}_rel_err"] = _median([r["rel_err"] for r in rounds[system]])
-        out[f"{system}_bytes_per_elem"] = _median([r.get("bytes_per_elem") for r in timed])
-        out[f"{system}_total_bytes_per_peer_elem"] = _median([r.get("total_bytes_per_peer_elem") for r in timed])
-    out["ours_exchanges"] = _median([r["exchanges"] for r in rounds["ours"] if r["ok"]])
-    out["ours_s_to_loose_target"] = _median([r["loose_time_s"] for r in rounds["ours"]])
+        out[f"{system}_s"] = median([r["time_s"] for r in timed])
+        out[f"{system}_rel_err"] = median([r["rel_err"] for r in rounds[system]])
+        out[f"{system}_bytes_per_elem"] = median([r.get("bytes_per_elem") for r in timed])
+        out[f"{system}_total_bytes_per_peer_elem"] = median([r.get("total_bytes_per_peer_elem") for r in timed])
+    out["ours_exchanges"] = median([r["exchanges"] for r in rounds["ours"] if r["ok"]])
+    out["ours_s_to_loose_target"] = median([r["loose_time_s"] for r in rounds["ours"]])
     out["loose_target"] = args.loose_target
     if "hivemind" in rounds:
         out["hivemind_raised"] = sum(bool(r.get("errors")) for r in rounds["hivemind"])
@@ -217,7 +219,7 @@ def round_ours(peers, index: int, n: int, numel: int, args) -> dict:
     for conn in conns:
         conn.send(Round(index))
     for conn, proc in zip(conns, procs):
-        _expect(_recv(conn, proc), Ready)
+        expect(recv(conn, proc), Ready)
     start_bytes, started = lo_bytes(), time.monotonic()
     for conn in conns:
         conn.send(Go())
@@ -235,7 +237,7 @@ def round_ours(peers, index: int, n: int, numel: int, args) -> dict:
             break
     for conn in conns:
         conn.send(Stop())
-    results = [_expect(_recv(conn, proc), Result) for conn, proc in zip(conns, procs)]
+    results = [expect(recv(conn, proc), Result) for conn, proc in zip(conns, procs)]
     while reports.poll(0):
         reports.recv()  # reports sent after the stop
     ok = converged_at is not None
@@ -256,11 +258,11 @@ def round_hivemind(peers, index: int, n: int, numel: int, args) -> dict:
     for conn in conns:
         conn.send(Round(index))
     for conn, proc in zip(conns, procs):
-        _expect(_recv(conn, proc), Ready)
+        expect(recv(conn, proc), Ready)
     start_bytes, started = lo_bytes(), time.monotonic()
     for conn in conns:
         conn.send(Go())
-    results = [_expect(_recv(conn, proc), Result) for conn, proc in zip(conns, procs)]
+    results = [expect(recv(conn, proc), Result) for conn, proc in zip(conns, procs)]
     end_bytes = lo_bytes()
     errors = [r.error for r in results if r.error]
     rel_err = max(r.rel_err for r in results)
@@ -287,7 +289,7 @@ def start_peers(ctx, system: str, n: int, numel: int, chunk_elems: int, log_leve
         proc.start()
         parent.send(Setup(system, rank, n, numel, maddrs, chunk_elems, log_level, args.error_feedback,
                           args.adaptive_precision))
-        ready = _expect(_recv(parent, proc), Ready)
+        ready = expect(recv(parent, proc), Ready)
         if rank == 0:
             maddrs = ready.maddrs
         conns.append(parent)
@@ -570,22 +572,7 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def _recv(conn, proc, timeout: float = 180.0):
-    """The next message from a peer process; RuntimeError if it died or stayed silent for ``timeout`` s."""
-    if not conn.poll(timeout):
-        raise RuntimeError(f"peer process {proc.pid} {'died' if not proc.is_alive() else 'is silent'}")
-    return conn.recv()
 
-
-def _expect(message, kind):
-    if not isinstance(message, kind):
-        raise RuntimeError(f"peer answered {message!r}, expected a {kind.__name__}")
-    return message
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _size_name(numel: int) -> str:

@@ -75,6 +75,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from _children import expect, median, recv  # benchmarks/ is first on sys.path when a benchmark runs
+
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 RUN_ID = "effbench"
 PROBE_S = 2.0  # how often a process checks how much of its core other programs took
@@ -229,23 +231,23 @@ def run_variant(ctx, variant: str, cores: list, cfg: Config, warmup: float, wind
         for rank, (core, conn, proc) in enumerate(zip(cores, conns, procs)):
             conn.send(Setup(variant, rank, core, maddrs, cfg, run_index))
             if variant in ("ours", "hivemind") and rank == 0:  # the others bootstrap from the first one
-                ready = _expect(_recv(conn, proc, 180), Ready)
+                ready = _expect(recv(conn, proc, 180), Ready)
                 maddrs = ready.maddrs
         for rank, (conn, proc) in enumerate(zip(conns, procs)):
             if variant in ("ours", "hivemind") and rank == 0:
                 continue
-            _expect(_recv(conn, proc, 180), Ready)
+            _expect(recv(conn, proc, 180), Ready)
         if variant == "ours":  # every peer sees its partner in the rendezvous record before the clock starts
             for conn in conns:
                 conn.send("wait_partners")
             for conn, proc in zip(conns, procs):
-                _expect(_recv(conn, proc, 60), Ready)
+                _expect(recv(conn, proc, 60), Ready)
         now = time.monotonic()
         startup_s = now - started
         go = Go(now + 0.5 + warmup, now + 0.5 + warmup + window)
         for conn in conns:
             conn.send(go)
-        results = [_expect(_recv(conn, proc, warmup + window + 120), Result) for conn, proc in zip(conns, procs)]
+        results = [_expect(recv(conn, proc, warmup + window + 120), Result) for conn, proc in zip(conns, procs)]
         sockets = _p2pd_sockets([p.pid for p in procs])  # hivemind leaves some behind even on a clean exit
         stopping = time.monotonic()
         for conn in conns:
@@ -296,29 +298,29 @@ def summarize(runs: dict, args, cfg: Config, wall: float) -> dict:
         for r in alone:
             by_core.setdefault(r["cores"][0], []).append(r[key])
         by_core = {core: [v for v in values if v is not None] for core, values in by_core.items()}
-        out[f"alone_{key}"] = (_median([statistics.mean(v) for v in zip(*by_core.values())])
+        out[f"alone_{key}"] = (median([statistics.mean(v) for v in zip(*by_core.values())])
                                if by_core and all(by_core.values()) else None)
         for core, values in sorted(by_core.items()):
-            out[f"alone_{key}_core{core}"] = _median(values)
-    out["alone_others_share"] = _median([r["others_share"] for r in alone])
-    out["alone_quiet_share"] = _median([r["quiet_share"] for r in alone])
+            out[f"alone_{key}_core{core}"] = median(values)
+    out["alone_others_share"] = median([r["others_share"] for r in alone])
+    out["alone_quiet_share"] = median([r["quiet_share"] for r in alone])
     for variant in ("independent", "ours", "hivemind"):
         if variant not in runs:
             continue
         valid = [r for r in runs[variant] if r["valid"]]
-        out[f"{variant}_sps"] = _median([r["sps"] for r in valid])
-        out[f"{variant}_per_peer_sps"] = [_median([r["per_peer_sps"][i] for r in valid]) for i in range(2)]
+        out[f"{variant}_sps"] = median([r["sps"] for r in valid])
+        out[f"{variant}_per_peer_sps"] = [median([r["per_peer_sps"][i] for r in valid]) for i in range(2)]
         out[f"{variant}_invalid_runs"] = len(runs[variant]) - len(valid)
         for key, suffix in (("sps", ""), ("adj_sps", "_adjusted"), ("quiet_sps", "_quiet")):
             base = out[f"alone_{key}"]
             effs = [r[key] / (2 * base) for r in valid if r[key] is not None] if base else []
-            out[f"{variant}_efficiency{suffix}"] = _median(effs)
+            out[f"{variant}_efficiency{suffix}"] = median(effs)
             out[f"{variant}_efficiencies{suffix}"] = [round(e, 4) for e in effs]
-        out[f"{variant}_others_share"] = _median([r["others_share"] for r in valid])
-        out[f"{variant}_quiet_share"] = _median([r["quiet_share"] for r in valid])
+        out[f"{variant}_others_share"] = median([r["others_share"] for r in valid])
+        out[f"{variant}_quiet_share"] = median([r["quiet_share"] for r in valid])
         if variant != "independent":
             key = "ours_rounds" if variant == "ours" else "hivemind_epochs"
-            out[key] = _median([statistics.mean(r["rounds"]) for r in valid])
+            out[key] = median([statistics.mean(r["rounds"]) for r in valid])
         out[f"{variant}_cpu_s"] = _median_dicts([_mean_dicts(r["cpu"]) for r in valid])
         out[f"{variant}_extra"] = _median_dicts([_mean_dicts(r["extra"]) for r in valid])
     if out.get("independent_sps") and out.get("ours_sps"):
@@ -507,23 +509,13 @@ def _sessions() -> dict[int, int]:
     return out
 
 
-def _recv(conn, proc, timeout: float):
-    if not conn.poll(timeout):
-        raise RuntimeError(f"process {proc.pid} {'died' if not proc.is_alive() else 'is silent'}")
-    return conn.recv()
-
 
 def _expect(message, kind):
-    if not isinstance(message, kind):
-        raise RuntimeError(f"child answered {message!r}, expected a {kind.__name__}")
+    expect(message, kind)
     if getattr(message, "error", "") and kind is Ready:
         raise RuntimeError(f"child failed to start: {message.error}")
     return message
 
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _mean_dicts(dicts: list) -> dict:
@@ -533,7 +525,7 @@ def _mean_dicts(dicts: list) -> dict:
 
 def _median_dicts(dicts: list) -> dict:
     keys = {k for d in dicts for k in d}
-    return {k: round(_median([d.get(k, 0.0) for d in dicts]), 4) for k in sorted(keys)}
+    return {k: round(median([d.get(k, 0.0) for d in dicts]), 4) for k in sorted(keys)}
 
 
 def _describe(r: dict) -> str:
