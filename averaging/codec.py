@@ -58,8 +58,10 @@ class Segment:
 def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize: int = 4096) -> list[Segment]:
     """Split a flat vector made of tensors of ``sizes`` into wire segments of at most ``chunk_elems`` elements.
 
-    For ``"none"``/``"fp16"`` the vector is cut evenly. For ``"8bit"``, large tensors are cut at multiples of
-    ``blocksize`` (so blocks never straddle two tensors) and runs of small tensors are packed into float16 segments.
+    For ``"none"``/``"fp16"`` the vector is cut evenly. For ``"8bit"``, each run of consecutive large tensors is
+    cut at multiples of ``blocksize`` (a block may straddle two tensors of one run) and each run of small tensors
+    is packed into float16 segments. :class:`~swarmtrain.averaging.replica.LocalReplica` orders the tensors large
+    first, so a model's many weight/bias pairs travel as a few long segments instead of one or two per tensor.
     """
     check_codec(codec, blocksize)
     if chunk_elems < blocksize:
@@ -71,8 +73,16 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
     segments: list[Segment] = []
     small_lo = None
     offset = 0
+    large_lo = None
+
+    def flush_large(end: int) -> None:
+        segments.extend(Segment(lo, min(lo + step, end), "8bit") for lo in range(large_lo, end, step))
+
     for size in sizes:
         if size < SMALL_TENSOR:
+            if large_lo is not None:
+                flush_large(offset)
+                large_lo = None
             if small_lo is None:
                 small_lo = offset
             elif offset + size - small_lo > chunk_elems:
@@ -82,9 +92,11 @@ def plan_segments(sizes: Sequence[int], codec: str, chunk_elems: int, blocksize:
             if small_lo is not None:
                 segments.append(Segment(small_lo, offset, "fp16"))
                 small_lo = None
-            end = offset + size
-            segments.extend(Segment(lo, min(lo + step, end), "8bit") for lo in range(offset, end, step))
+            if large_lo is None:
+                large_lo = offset
         offset += size
+    if large_lo is not None:
+        flush_large(offset)
     if small_lo is not None and offset > small_lo:
         segments.append(Segment(small_lo, offset, "fp16"))
     return segments

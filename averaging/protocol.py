@@ -25,7 +25,7 @@ from typing import Any, Optional
 import msgpack
 from hivemind.proto import runtime_pb2
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tensors large-first, 8-bit segments span consecutive large tensors
 
 
 class ProtocolError(ValueError):

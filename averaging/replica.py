@@ -17,7 +17,9 @@ from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import rules
 from swarmtrain.averaging.blockwise import Scratch
-from swarmtrain.averaging.codec import ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments
+from swarmtrain.averaging.codec import (
+    SMALL_TENSOR, ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments,
+)
 from swarmtrain.averaging.flat import FlatParams
 from swarmtrain.dht.records import AveragingSpec
 
@@ -36,7 +38,7 @@ class LocalReplica:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], lock: threading.Lock, spec: AveragingSpec, name: str):
-        self.flat = FlatParams(params)
+        self.flat = FlatParams(wire_order(params))
         if self.flat.numel == 0:
             raise ValueError("averaging needs at least one parameter element")
         self.lock, self.spec = lock, spec
@@ -211,6 +213,14 @@ class LocalReplica:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def wire_order(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` with the tensors of at least SMALL_TENSOR elements first (stable): consecutive large tensors
+    then share 8-bit wire segments and all small ones one float16 run (see plan_segments). Every peer orders
+    the same model the same way; the layout hash covers the order."""
+    params = list(params)
+    return [p for p in params if p.numel() >= SMALL_TENSOR] + [p for p in params if p.numel() < SMALL_TENSOR]
 
 
 def _checked_sq_norm(x: torch.Tensor) -> float:

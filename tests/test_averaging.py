@@ -341,6 +341,15 @@ def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
         (50_116 + 131_072, 50_116 + 196_608, "8bit"), (50_116 + 196_608, 50_116 + 262_144, "8bit"),
         (50_116 + 262_144, 350_116, "8bit"),
     ]
+    # consecutive large tensors share 8-bit segments (a block may straddle them); replicas order tensors large-first
+    plan = plan_segments([50_000, 60_000, 8_192, 7, 9], "8bit", chunk_elems=1 << 16, blocksize=4096)
+    assert [(s.lo, s.hi, s.codec) for s in plan] == [
+        (0, 65_536, "8bit"), (65_536, 118_192, "8bit"), (118_192, 118_208, "fp16"),
+    ]
+    from swarmtrain.averaging.replica import wire_order
+
+    tensors = [torch.zeros(100), torch.zeros(50_000), torch.zeros(7), torch.zeros(9), torch.zeros(300_000)]
+    assert [t.numel() for t in wire_order(tensors)] == [50_000, 300_000, 100, 7, 9]
     message, _ = encode(x[:1000], "fp16")
     with pytest.raises(WireError, match="size"):
         decode(message, 999)
