@@ -6,8 +6,9 @@ kind, up to ``max_batch_rows`` rows, and run as ONE call on the server's thread 
 instead of many, and for backward ONE optimizer step per processed batch (hivemind's ``TaskPool`` semantics).
 With ``max_wait_s > 0`` the queue additionally waits that long for more rows before running a batch that is not
 full; the default 0 adds no latency and batches whatever arrived while the previous batch ran. An optional
-``finish(verb)`` runs on the thread pool after a batch's results were handed to its callers and before the next
-batch of the same expert starts (the server applies the optimizer step there, off the callers' critical path).
+``after_backward()`` runs on the thread pool after a backward batch's results were handed to its callers and
+before the next batch of the same expert starts (the server applies the optimizer step there, off the callers'
+critical path).
 
 Only one batch per expert runs at a time, so the thread pool never has two threads blocked on one expert's lock.
 This module does not validate requests (the server does before queueing).
@@ -17,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-from dataclasses import dataclass, field
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
@@ -47,7 +48,7 @@ class BatchQueue:
     :param executor: the server's thread pool
     :param max_batch_rows: at most this many rows per batch (a single larger request runs alone)
     :param max_wait_s: how long to wait for more rows before running a non-full batch
-    :param finish: ``finish(verb)`` runs after each batch's results are delivered, before the next batch
+    :param after_backward: runs after each backward batch's results are delivered, before the next batch
     """
 
     def __init__(
@@ -56,9 +57,9 @@ class BatchQueue:
         executor: concurrent.futures.Executor,
         max_batch_rows: int,
         max_wait_s: float = 0.0,
-        finish: Optional[Callable[[Verb], None]] = None,
+        after_backward: Optional[Callable[[], None]] = None,
     ):
-        self.compute, self.executor, self.finish = compute, executor, finish
+        self.compute, self.executor, self.after_backward = compute, executor, after_backward
         self.max_batch_rows, self.max_wait_s = max_batch_rows, max_wait_s
         self._pending: collections.deque[_Task] = collections.deque()
         self._running = False
@@ -93,12 +94,12 @@ class BatchQueue:
                 for task, output in zip(batch, outputs):
                     if not task.future.done():
                         task.future.set_result(output)
-                if self.finish is not None:
+                if verb == "backward" and self.after_backward is not None:
                     await asyncio.sleep(0)  # let the callers' coroutines send their answers first
                     try:
-                        await loop.run_in_executor(self.executor, self.finish, verb)
+                        await loop.run_in_executor(self.executor, self.after_backward)
                     except Exception:  # e.g. the optimizer step failed: log it, keep serving
-                        logger.warning(f"finishing a {verb} batch failed", exc_info=True)
+                        logger.warning("finishing a backward batch failed", exc_info=True)
         finally:
             self._running = False
 

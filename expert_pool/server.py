@@ -129,7 +129,7 @@ class ExpertServer(ServicerBase):
             raise ValueError(f"expert {uid!r} has hidden size {module.hidden}, the run uses {spec.hidden}")
         backend = ExpertBackend(uid, module, self.manifest.optimizer)
         self._queues[uid] = BatchQueue(self._compute_fn(backend), self._executor, self.max_batch_rows, self.max_wait_s,
-                                       finish=lambda verb: backend.step() if verb == "backward" else None)
+                                       after_backward=backend.step)
         self._backends[uid] = backend
 
     def remove_expert(self, uid: str) -> None:
@@ -345,7 +345,7 @@ class ExpertServer(ServicerBase):
     @staticmethod
     def _compute_fn(backend: ExpertBackend):
         def compute(verb: Verb, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            # the optimizer step follows once the gradients are on their way (BatchQueue's finish)
+            # the optimizer step follows once the gradients are on their way (BatchQueue's after_backward)
             return backend.forward(*tensors) if verb == "forward" else backend.backward(*tensors, step=False)
 
         return compute

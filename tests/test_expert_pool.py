@@ -515,7 +515,7 @@ def _copy(module):
 
 
 def test_optimizer_step_runs_after_the_answer_and_before_the_next_batch():
-    """BatchQueue's ``finish`` (the server's optimizer step) starts only after the backward's caller has its
+    """BatchQueue's ``after_backward`` (the server's optimizer step) starts only after the backward's caller has its
     gradient, and the expert's next batch waits until it is done."""
     import asyncio
     import concurrent.futures
@@ -528,14 +528,14 @@ def test_optimizer_step_runs_after_the_answer_and_before_the_next_batch():
         events.append(f"compute {verb}")
         return tensors[0] * 2
 
-    def finish(verb):
-        events.append(f"finish {verb} start")
+    def after_backward():
+        events.append("finish backward start")
         time.sleep(0.1)
-        events.append(f"finish {verb} end")
+        events.append("finish backward end")
 
     async def scenario():
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            queue = BatchQueue(compute, pool, max_batch_rows=64, finish=finish)
+            queue = BatchQueue(compute, pool, max_batch_rows=64, after_backward=after_backward)
 
             async def backward():
                 out = await queue.submit("backward", (torch.ones(2, 4), torch.ones(2, 4)))
