@@ -2,7 +2,9 @@
 
 :class:`ExpertBackend` implements the semantics of hivemind's ``ModuleBackend``: ``forward`` runs without
 autograd; ``backward`` recomputes the forward with autograd, backpropagates the caller's output gradient, returns
-the gradient w.r.t. the inputs and applies one optimizer step of this expert. A per-expert lock serialises
+the gradient w.r.t. the inputs and applies one optimizer step of this expert. ``forward_saving`` /
+``backward_saved`` do the same without the recomputation, from activations kept between the two calls (see
+:mod:`swarmtrain.expert_pool.activations`). A per-expert lock serialises
 compute on one expert (so an optimizer step never interleaves with another call's forward), while different
 experts run in parallel on the server's thread pool. Inputs must already be validated (see
 :mod:`swarmtrain.expert_pool.server`).
@@ -65,6 +67,28 @@ class ExpertBackend:
             out = self.module(x)
             self._count(x.shape[0])
         return out
+
+    def forward_saving(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Outputs for rows ``x`` and the activations :meth:`backward_saved` needs (``(x, pre)``)."""
+        with self.lock:
+            out, pre = self.module.forward_saving(x)
+            self._count(x.shape[0])
+        return out, (x, pre)
+
+    def backward_saved(
+        self, saved: tuple[torch.Tensor, ...], grad_out: torch.Tensor, step: bool = True
+    ) -> torch.Tensor:
+        """:meth:`backward` from the activations of :meth:`forward_saving` (no recomputed forward). If the
+        parameters took optimizer steps since that forward, the gradient mixes the saved activations with the
+        current weights, the usual approximation of asynchronous training (hivemind's recompute uses the current
+        weights throughout)."""
+        with self.lock:
+            grad_x = self.module.backward_saved(*saved, grad_out)
+            self._step_pending = True
+            self._count(grad_out.shape[0])
+        if step:
+            self.step()
+        return grad_x
 
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor, step: bool = True) -> torch.Tensor:
         """Gradient w.r.t. ``x`` of ``<module(x), grad_out>``; then one optimizer step on the same batch, right

@@ -20,19 +20,20 @@ import collections
 import concurrent.futures
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-Verb = Literal["forward", "backward"]
+Verb = Literal["forward", "backward", "backward_saved"]
+Output = Union[torch.Tensor, tuple[torch.Tensor, ...]]  # rows aligned with the batch's input rows
 
 
 @dataclass
 class _Task:
     verb: Verb
-    tensors: tuple[torch.Tensor, ...]  # forward: (x,); backward: (x, grad_out); all [rows, hidden]
+    tensors: tuple[torch.Tensor, ...]  # forward: (x,); backward: (x, grad_out); backward_saved: (x, pre, grad_out)
     future: asyncio.Future
     rows: int = field(init=False)
 
@@ -44,7 +45,8 @@ class BatchQueue:
     """Queue of pending calls to one expert, drained in batches on a thread pool.
 
     :param compute: ``compute(verb, tensors)`` runs one batch synchronously (``ExpertBackend.forward`` /
-      ``backward`` on concatenated rows) and returns the output rows
+      ``backward`` on concatenated rows) and returns the output rows: a tensor, or a tuple of tensors whose rows
+      all match the inputs' (each caller then gets its own rows of each)
     :param executor: the server's thread pool
     :param max_batch_rows: at most this many rows per batch (a single larger request runs alone)
     :param max_wait_s: how long to wait for more rows before running a non-full batch
@@ -53,7 +55,7 @@ class BatchQueue:
 
     def __init__(
         self,
-        compute: Callable[[Verb, tuple[torch.Tensor, ...]], torch.Tensor],
+        compute: Callable[[Verb, tuple[torch.Tensor, ...]], Output],
         executor: concurrent.futures.Executor,
         max_batch_rows: int,
         max_wait_s: float = 0.0,
@@ -65,8 +67,8 @@ class BatchQueue:
         self._running = False
         self.batches = 0  # batches run so far (for tests and stats)
 
-    async def submit(self, verb: Verb, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Queue one validated call and wait for its output rows."""
+    async def submit(self, verb: Verb, tensors: tuple[torch.Tensor, ...]) -> Output:
+        """Queue one validated call and wait for its output rows (of each output, if compute returns a tuple)."""
         task = _Task(verb, tensors, asyncio.get_running_loop().create_future())
         self._pending.append(task)
         if not self._running:
@@ -94,7 +96,7 @@ class BatchQueue:
                 for task, output in zip(batch, outputs):
                     if not task.future.done():
                         task.future.set_result(output)
-                if verb == "backward" and self.after_backward is not None:
+                if verb != "forward" and self.after_backward is not None:
                     await asyncio.sleep(0)  # let the callers' coroutines send their answers first
                     try:
                         await loop.run_in_executor(self.executor, self.after_backward)
@@ -123,10 +125,13 @@ class BatchQueue:
         self._pending.extendleft(reversed(kept))
         return batch
 
-    def _run_batch(self, verb: Verb, batch: list[_Task]) -> list[torch.Tensor]:
+    def _run_batch(self, verb: Verb, batch: list[_Task]) -> list[Output]:
         self.batches += 1
         if len(batch) == 1:
             return [self.compute(verb, batch[0].tensors)]
         merged = tuple(torch.cat(parts) for parts in zip(*(task.tensors for task in batch)))
         output = self.compute(verb, merged)
-        return list(output.split([task.rows for task in batch]))
+        rows = [task.rows for task in batch]
+        if isinstance(output, torch.Tensor):
+            return list(output.split(rows))
+        return list(zip(*(part.split(rows) for part in output)))

@@ -44,11 +44,12 @@ LOCAL = "<local>"  # host marker of experts served by this process
 
 class ExpertCallError(RuntimeError):
     """A remote expert call failed; ``refused`` is True when the host answered with an error (bad request,
-    expert not hosted) rather than failing to answer."""
+    expert not hosted) rather than failing to answer; ``resend`` is True when a backward quoted activations the
+    host no longer keeps (the call is repeated with the inputs, nobody is banned)."""
 
-    def __init__(self, message: str, refused: bool = False):
+    def __init__(self, message: str, refused: bool = False, resend: bool = False):
         super().__init__(message)
-        self.refused = refused
+        self.refused, self.resend = refused, resend
 
 
 async def call_expert(
@@ -83,6 +84,7 @@ class DispatchStats:
     backward_calls: int = 0
     backward_failures: int = 0  # backward calls whose rows got zero gradient
     local_calls: int = 0
+    resent: int = 0  # backward calls that had to resend x because the host no longer kept the activations
     bytes_sent: int = 0  # tensor payload bytes of remote requests (after the wire codec)
     bytes_received: int = 0
     last_error: str = ""  # the latest failure, "<verb> <uid>: <reason>"
@@ -128,6 +130,8 @@ class _Route:
     rows: torch.Tensor  # indices into x [N]
     host: Optional[str] = None  # who answered the forward (LOCAL, a peer id, or None: not answered)
     error: str = field(default="", repr=False)
+    saved: Optional[int] = None  # the host keeps this forward's activations under this number (remote hosts)
+    local_saved: Optional[tuple] = field(default=None, repr=False)  # the same, for experts called in-process
 
 
 class RemoteDispatcher:
@@ -197,7 +201,10 @@ class RemoteDispatcher:
             for e, positions in zip(experts.tolist(), order.split(counts.tolist()))
             if e >= 0  # -1: dropped by the caller's capacity limit, never sent, never answered
         ]
-        out, answered = _DispatchFunction.apply(x, self, routes, k)
+        # a forward whose backward will follow asks the hosts to keep its activations (no recomputed forward, no
+        # x sent again); under no_grad (evaluation) nothing is kept
+        keep = torch.is_grad_enabled() and x.requires_grad
+        out, answered = _DispatchFunction.apply(x, self, routes, k, keep)
         return out.view(n, k, x.shape[1]), answered.view(n, k)
 
     # ---- calls -------------------------------------------------------------------------------------------------
@@ -213,9 +220,14 @@ class RemoteDispatcher:
             peer for peer, _ in self.registry.hosts(uid) if peer != self.my_peer_id and not self.bans.banned(peer, uid)
         ]
 
-    def run_calls(self, verb: str, routes: Sequence[_Route], inputs: Sequence[tuple[torch.Tensor, ...]]) -> list:
+    def run_calls(
+        self, verb: str, routes: Sequence[_Route], inputs: Sequence[tuple[torch.Tensor, ...]], keep: bool = False
+    ) -> list:
         """Run one call per route (remote ones concurrently on the loop, local ones in this thread meanwhile);
-        returns per route the output tensor or None if that expert failed."""
+        returns per route the output tensor or None if that expert failed. A forward with ``keep`` has the hosts
+        keep its activations for the backward (``route.saved`` / ``route.local_saved``); a backward of such a
+        route sends ``grad_out`` only (``inputs`` are still ``(x, grad_out)``: ``x`` is sent only if the host
+        has dropped the activations)."""
         try:
             on_loop = asyncio.get_running_loop() is self.loop.loop
         except RuntimeError:
@@ -229,30 +241,38 @@ class RemoteDispatcher:
         results: list[Optional[torch.Tensor]] = [None] * len(routes)
         future = None
         if remote:
-            future = self.loop.submit(self._call_all_remote(verb, [(routes[i], inputs[i]) for i in remote]))
+            future = self.loop.submit(self._call_all_remote(verb, [(routes[i], inputs[i]) for i in remote], keep))
         for i in local:
-            results[i] = self._call_local(verb, routes[i], inputs[i])
+            results[i] = self._call_local(verb, routes[i], inputs[i], keep)
         if future is not None:
             for i, output in zip(remote, future.result(timeout=self.timeout_s + 30)):
                 results[i] = output
         return results
 
-    async def _call_all_remote(self, verb: str, calls: list) -> list[Optional[torch.Tensor]]:
-        return await asyncio.gather(*(self._call_remote(verb, route, tensors) for route, tensors in calls))
+    async def _call_all_remote(self, verb: str, calls: list, keep: bool) -> list[Optional[torch.Tensor]]:
+        return await asyncio.gather(*(self._call_remote(verb, route, tensors, keep) for route, tensors in calls))
 
-    def _call_local(self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+    def _call_local(
+        self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...], keep: bool = False
+    ) -> Optional[torch.Tensor]:
         self.stats.local_calls += 1
         try:
             if verb == "forward":
                 route.host = LOCAL
-                return self.local_server.forward_local(route.uid, *tensors)
-            return self.local_server.backward_local(route.uid, *tensors)
+                if not keep:
+                    return self.local_server.forward_local(route.uid, *tensors)
+                output, route.local_saved = self.local_server.forward_local(route.uid, *tensors, save=True)
+                return output
+            saved, route.local_saved = route.local_saved, None
+            return self.local_server.backward_local(route.uid, *tensors, saved=saved)
         except Exception as e:
             route.error = f"{type(e).__name__}: {e}"
             logger.warning(f"local {verb} of {route.uid} failed: {route.error}")
             return None
 
-    async def _call_remote(self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+    async def _call_remote(
+        self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...], keep: bool = False
+    ) -> Optional[torch.Tensor]:
         deadline = time.monotonic() + self.timeout_s
         hosts = [route.host] if verb == "backward" else self._remote_hosts(route.uid)
         if not hosts:
@@ -263,8 +283,16 @@ class RemoteDispatcher:
             if remaining <= 0:
                 break
             try:
-                encoded = encoded or [encode_tensor(t, self.codec) for t in tensors]
-                (output,) = await asyncio.wait_for(self._call_on_session(host, verb, route.uid, encoded), remaining)
+                if verb == "backward" and route.saved is not None:
+                    output = await asyncio.wait_for(self._backward_from_saved(host, route, tensors), remaining)
+                else:
+                    encoded = encoded or [encode_tensor(t, self.codec) for t in tensors]
+                    meta = {"codec": self.codec, "keep": True} if keep else {"codec": self.codec}
+                    reply, (output,) = await asyncio.wait_for(
+                        self._call_on_session(host, verb, route.uid, meta, encoded), remaining
+                    )
+                    saved = reply.get("saved")
+                    route.saved = saved if keep and isinstance(saved, int) and not isinstance(saved, bool) else None
                 if output.shape != tensors[0].shape or output.dtype != torch.float32:
                     raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
                 self.bans.success(host, route.uid)
@@ -277,12 +305,30 @@ class RemoteDispatcher:
                 logger.warning(f"{verb} of {route.uid} at {host[-6:]} failed ({route.error}); banned for {ban:.0f}s")
         return None
 
-    async def _call_on_session(self, host: str, verb: str, uid: str, encoded: list) -> list[torch.Tensor]:
+    async def _backward_from_saved(self, host: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Backward quoting the host's kept activations: sends ``grad_out`` only; if the host has dropped them
+        (expired, evicted, restarted) it says so and the call is repeated with ``x`` (recomputed forward)."""
+        x, grad_out = tensors
+        number, route.saved = route.saved, None
+        try:
+            meta = {"codec": self.codec, "saved": number}
+            encoded = [encode_tensor(grad_out, self.codec)]
+            return (await self._call_on_session(host, "backward", route.uid, meta, encoded))[1][0]
+        except ExpertCallError as e:
+            if not e.resend:
+                raise
+            self.stats.resent += 1
+            encoded = [encode_tensor(t, self.codec) for t in (x, grad_out)]
+            return (await self._call_on_session(host, "backward", route.uid, {"codec": self.codec}, encoded))[1][0]
+
+    async def _call_on_session(
+        self, host: str, verb: str, uid: str, meta: dict, encoded: list
+    ) -> tuple[dict, list[torch.Tensor]]:
         session = await self._sessions.get(host)
         self.stats.bytes_sent += sum(len(proto.buffer) for proto in encoded)
-        call = await session.call(verb, uid, {"codec": self.codec}, encoded)
+        call = await session.call(verb, uid, meta, encoded)
         self.stats.bytes_received += sum(len(proto.buffer) for proto in call.tensors)
-        return _unpack_response(verb, host, call)[1]
+        return _unpack_response(verb, host, call)
 
 
 class _DispatchFunction(torch.autograd.Function):
@@ -296,10 +342,10 @@ class _DispatchFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route], k: int):
+    def forward(ctx, x: torch.Tensor, dispatcher: RemoteDispatcher, routes: list[_Route], k: int, keep: bool):
         x_cpu = x.detach().to("cpu", torch.float32)
         inputs = [(_finite(x_cpu.index_select(0, r.rows), "x"),) for r in routes]
-        outputs = dispatcher.run_calls("forward", routes, inputs)
+        outputs = dispatcher.run_calls("forward", routes, inputs, keep)
         out = x_cpu.new_zeros(x.shape[0] * k, x.shape[1])
         answered = torch.zeros(x.shape[0] * k, dtype=torch.bool)
         for route, output in zip(routes, outputs):
@@ -340,7 +386,7 @@ class _DispatchFunction(torch.autograd.Function):
                     continue
                 grad_pairs.index_copy_(0, route.positions, grad)
         grad_x = grad_pairs.view(n, ctx.k, d).sum(dim=1)
-        return grad_x.to(ctx.x_device, ctx.x_dtype), None, None, None
+        return grad_x.to(ctx.x_device, ctx.x_dtype), None, None, None, None
 
 
 def _finite(rows: torch.Tensor, name: str) -> torch.Tensor:
@@ -366,7 +412,8 @@ async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict
 
 def _unpack_response(verb: str, peer_id: str, call: Call) -> tuple[dict, list[torch.Tensor]]:
     if "error" in call.meta:
-        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {call.meta['error']}", refused=True)
+        resend = call.meta.get("resend") is True
+        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {call.meta['error']}", refused=not resend, resend=resend)
     try:
         return call.meta, [decode_tensor(proto) for proto in call.tensors]
     except Exception as e:

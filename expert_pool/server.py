@@ -12,7 +12,12 @@ Network surface (grep ``rpc_``), all streams of ``runtime_pb2.ExpertRequest`` ->
 
 * ``rpc_forward``: tensors ``[x]`` -> ``[expert(x)]`` computed without autograd;
 * ``rpc_backward``: tensors ``[x, grad_out]`` -> ``[grad_x]``; recomputes the forward with autograd and applies
-  one optimizer step of the expert per processed batch, applied right after its gradients are sent;
+  one optimizer step of the expert per processed batch, applied right after its gradients are sent. A forward
+  call with ``metadata["keep"] = True`` (the caller will run backward) makes the server keep its activations
+  (:mod:`~swarmtrain.expert_pool.activations`) and answer with ``metadata["saved"] = <number>``; a backward quoting
+  that number sends ``[grad_out]`` only and is computed without recomputing the forward. If the activations are
+  gone (expired, evicted, server restarted) the refusal carries ``metadata["resend"] = True`` and the caller sends
+  ``[x, grad_out]``;
 * ``rpc_session``: a long-lived stream per caller carrying many forward/backward calls, each tagged with an id
   (``metadata["id"]``, ``metadata["verb"]``) and answered as soon as it is done, in any order. Opening a libp2p
   stream per call costs ~1.3 ms of CPU across both daemons and both processes; a call on an open session
@@ -38,6 +43,7 @@ from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import ExpertLoad, Manifest
 from swarmtrain.dht.uids import parse_uid
 from swarmtrain.expert_pool.backend import ExpertBackend
+from swarmtrain.expert_pool.activations import DEFAULT_MAX_BYTES, ActivationCache
 from swarmtrain.expert_pool.batching import BatchQueue, Verb
 from swarmtrain.expert_pool.codec import WireError, check_codec, decode_tensor, encode_tensor
 from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
@@ -70,6 +76,8 @@ class ExpertServer(ServicerBase):
     :param handler_threads: threads computing expert batches (different experts run in parallel)
     :param max_batch_rows: most rows merged into one server-side batch (default: ``max_rows``)
     :param max_wait_s: how long a non-full batch waits for more callers (default 0: no added latency)
+    :param activation_cache_bytes: memory for activations kept between callers' forward and backward calls
+      (kept for ``2 x expert_pool.timeout_s``, at least 30 s; 0 disables it: backward recomputes the forward)
 
     Example::
 
@@ -91,6 +99,7 @@ class ExpertServer(ServicerBase):
         max_batch_rows: Optional[int] = None,
         max_wait_s: float = 0.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        activation_cache_bytes: int = DEFAULT_MAX_BYTES,
     ):
         self.p2p, self.loop, self.manifest = p2p, loop, manifest
         self.hidden = manifest.model.hidden
@@ -101,6 +110,7 @@ class ExpertServer(ServicerBase):
         self.max_wait_s = float(max_wait_s)
         self.chunk_bytes = chunk_bytes
         self.rejected = 0  # requests refused by validation
+        self.activations = ActivationCache(activation_cache_bytes, ttl_s=max(2 * manifest.expert_pool.timeout_s, 30))
         self._known_uids = frozenset(manifest.expert_uids())
         self._backends: dict[str, ExpertBackend] = {}
         self._queues: dict[str, BatchQueue] = {}
@@ -137,6 +147,7 @@ class ExpertServer(ServicerBase):
         if self._backends.pop(uid, None) is None:
             raise KeyError(f"expert {uid!r} is not hosted here")
         self._queues.pop(uid, None)
+        self.activations.drop(uid)
 
     def hosted(self) -> dict[str, ExpertLoad]:
         """Experts served here and their load (rows/s EMA, calls, optimizer steps)."""
@@ -162,16 +173,24 @@ class ExpertServer(ServicerBase):
 
     # ---- in-process calls (same validation and compute as the RPCs, no network) ------------------------------
 
-    def forward_local(self, uid: str, x: torch.Tensor) -> torch.Tensor:
-        """Expert outputs for rows ``x [rows, hidden]`` (no autograd), as ``rpc_forward`` computes them."""
+    def forward_local(self, uid: str, x: torch.Tensor, save: bool = False):
+        """Expert outputs for rows ``x [rows, hidden]`` (no autograd), as ``rpc_forward`` computes them; with
+        ``save``, ``(outputs, saved)`` where ``saved`` is what :meth:`backward_local` can start from."""
         backend = self._backend(uid)
         (x,) = self._check_rows(backend, (x,), ("x",))
+        if save:
+            return backend.forward_saving(x)
         return backend.forward(x)
 
-    def backward_local(self, uid: str, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. ``x`` and one optimizer step, as ``rpc_backward`` computes them."""
+    def backward_local(
+        self, uid: str, x: torch.Tensor, grad_out: torch.Tensor, saved: Optional[tuple[torch.Tensor, ...]] = None
+    ) -> torch.Tensor:
+        """Gradient w.r.t. ``x`` and one optimizer step, as ``rpc_backward`` computes them (from ``saved`` of
+        :meth:`forward_local` when given, else by recomputing the forward)."""
         backend = self._backend(uid)
         x, grad_out = self._check_rows(backend, (x, grad_out), ("x", "grad_out"))
+        if saved is not None:
+            return backend.backward_saved(saved, grad_out)
         return backend.backward(x, grad_out)
 
     def state_dict(self, uid: str) -> dict[str, torch.Tensor]:
@@ -283,10 +302,12 @@ class ExpertServer(ServicerBase):
         """Validate one call, run it through the expert's batch queue, encode the answer (or the refusal);
         ``tag`` is added to the response metadata (the session call id)."""
         tag = tag or {}
-        names = _INPUTS[verb]
+        caller = str(context.remote_id)
         try:
             backend = self._backend(call.uid)
             codec = check_codec(call.meta.get("codec", "none"))
+            saved_number = call.meta.get("saved") if verb == "backward" else None
+            names = ("grad_out",) if saved_number is not None else _INPUTS[verb]
             if len(call.tensors) != len(names):
                 raise ExpertRequestError(
                     f"{verb} of {call.uid} takes tensors {list(names)}, got {len(call.tensors)} tensors"
@@ -296,14 +317,37 @@ class ExpertServer(ServicerBase):
             queue = self._queues.get(call.uid)
             if queue is None:
                 raise ExpertRequestError(f"expert {call.uid!r} is not hosted by this peer")
-            output = await queue.submit(verb, tensors)
-            meta = {**tag, "version": backend.steps}
+            meta = dict(tag)
+            if saved_number is not None:
+                saved = self._take_saved(caller, saved_number, call.uid, tensors[0].shape[0])
+                if saved is None:  # not a bad request: the caller resends x (no ban, not counted as rejected)
+                    reason = f"the activations of forward call {saved_number} of {call.uid} are gone: send x again"
+                    return error_response(reason, **tag, resend=True)
+                output = await queue.submit("backward_saved", (*saved.tensors, tensors[0]))
+            elif verb == "forward":
+                output, pre = await queue.submit("forward", tensors)
+                if call.meta.get("keep") is True:
+                    number = self.activations.put(caller, call.uid, (tensors[0], pre))
+                    if number is not None:
+                        meta["saved"] = number
+            else:
+                output = await queue.submit(verb, tensors)
+            meta["version"] = backend.steps
             return pack_response(meta, [encode_tensor(output, codec)], self.chunk_bytes)
         except (WireError, ExpertRequestError) as e:
             return self._refuse(verb, str(e), context, tag)
         except Exception as e:  # a bug or resource error in compute: tell the caller, keep serving
             logger.warning(f"{verb} request from {context.remote_id} failed", exc_info=True)
             return error_response(f"{verb} failed on the server: {type(e).__name__}: {e}", **tag)
+
+    def _take_saved(self, caller: str, number, uid: str, rows: int):
+        """The kept activations a backward quotes (None if gone); a malformed or mismatched quote is refused."""
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ExpertRequestError(f"metadata 'saved' must be an integer, got {number!r}")
+        saved = self.activations.take(caller, number, uid)
+        if saved is not None and saved.rows != rows:
+            raise ExpertRequestError(f"grad_out has {rows} rows but forward call {number} of {uid} had {saved.rows}")
+        return saved
 
     def _refuse(
         self, verb: str, reason: str, context: P2PContext, tag: Optional[dict] = None
@@ -344,9 +388,15 @@ class ExpertServer(ServicerBase):
 
     @staticmethod
     def _compute_fn(backend: ExpertBackend):
-        def compute(verb: Verb, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        def compute(verb: Verb, tensors: tuple[torch.Tensor, ...]):
             # the optimizer step follows once the gradients are on their way (BatchQueue's after_backward)
-            return backend.forward(*tensors) if verb == "forward" else backend.backward(*tensors, step=False)
+            if verb == "forward":  # (outputs, pre-activations): keeping the latter costs no extra compute
+                out, (_, pre) = backend.forward_saving(tensors[0])
+                return out, pre
+            if verb == "backward_saved":
+                x, pre, grad_out = tensors
+                return backend.backward_saved((x, pre), grad_out, step=False)
+            return backend.backward(*tensors, step=False)
 
         return compute
 

@@ -25,6 +25,7 @@ from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import ExpertPoolSpec, Manifest, ModelSpec, OptimizerSpec
+from swarmtrain.expert_pool.activations import ActivationCache
 from swarmtrain.expert_pool.batching import BatchQueue
 from swarmtrain.expert_pool.client import (
     ExpertCallError,
@@ -134,6 +135,42 @@ def test_batch_queue_merges_concurrent_callers():
     assert len(sizes) < 10  # callers that arrived while a batch ran were merged
 
 
+@pytest.mark.timeout(30)
+def test_backward_from_saved_activations_equals_autograd():
+    torch.manual_seed(0)
+    expert = make_expert("text.0.0", HIDDEN, FFN, 0)
+    ref = _copy(expert)
+    x, g = torch.randn(7, HIDDEN), torch.randn(7, HIDDEN)
+    out, pre = expert.forward_saving(x)
+    grad_x = expert.backward_saved(x, pre, g)
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = ref(x_ref)
+    out_ref.backward(g)
+    assert torch.allclose(out, out_ref, atol=1e-6) and torch.allclose(grad_x, x_ref.grad, atol=1e-5)
+    for (name, p), p_ref in zip(expert.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, atol=1e-5), name
+
+
+@pytest.mark.timeout(30)
+def test_activation_cache_is_bounded_private_and_single_use():
+    entry = (torch.zeros(10, 4), torch.zeros(10, 4))  # 320 bytes
+    cache = ActivationCache(max_bytes=1000, ttl_s=0.5)
+    numbers = [cache.put("alice", "text.0.0", entry) for _ in range(4)]
+    assert len(cache) == 3 and cache.nbytes == 960 and cache.dropped == 1  # the oldest went over the budget
+    assert cache.take("alice", numbers[0], "text.0.0") is None
+    assert cache.take("bob", numbers[1], "text.0.0") is None  # only the caller that made it may use it
+    assert cache.take("alice", numbers[1], "text.0.1") is None  # ... for the expert it was made by
+    assert cache.take("alice", numbers[1], "text.0.0").rows == 10
+    assert cache.take("alice", numbers[1], "text.0.0") is None  # once
+    assert cache.put("alice", "text.0.0", (torch.zeros(100, 4),) * 2) is None  # one entry over the budget
+    assert cache.drop("text.0.1") == 0 and cache.drop("text.0.0") == 2 and cache.nbytes == 0
+    number = cache.put("alice", "text.0.0", entry)
+    time.sleep(0.6)
+    assert cache.take("alice", number, "text.0.0") is None and len(cache) == 0 and cache.nbytes == 0
+    with pytest.raises(ValueError):
+        ActivationCache(max_bytes=-1)
+
+
 @pytest.mark.timeout(10)
 def test_host_bans_back_off_exponentially():
     bans = HostBans(base_s=0.05, max_s=0.15)
@@ -211,8 +248,9 @@ def test_remote_dispatch_matches_local_and_trains(swarm):
         (out_ref * grad).sum().backward()
         assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
         used = set(f"text.0.{i}" for i in idx.unique().tolist())
-        after = server.hosted()
-        for uid in used:  # one optimizer step per expert per backward batch
+        # one optimizer step per expert per backward batch, applied just after the gradients were answered
+        after = _wait_for_steps(server, {uid: before[uid] + 1 for uid in used})
+        for uid in used:
             assert after[uid].version == before[uid] + 1
             assert not torch.equal(server.module(uid).w1.weight, ref.experts[uid].w1.weight)
     assert dispatcher.stats.forward_failures == 0 and dispatcher.stats.backward_failures == 0
@@ -226,6 +264,41 @@ def test_remote_dispatch_matches_local_and_trains(swarm):
         out, answered = fp16.dispatch(x, idx, "text", 0)
         exact, _ = dispatcher.dispatch(x, idx, "text", 0)
     assert answered.all() and torch.allclose(out, exact, atol=1e-2)
+
+
+@pytest.mark.timeout(60)
+def test_backward_uses_kept_activations_and_resends_x_when_they_are_gone(swarm):
+    """A training forward makes the host keep its activations; backward then sends grad_out only. If the host has
+    dropped them, it says so and the caller resends x: same gradients, no failure, no ban."""
+    server = swarm["server"]
+    dispatcher = swarm["make_dispatcher"]()
+    idx = torch.tensor([[0, 1]] * 12)
+    kept_before = len(server.activations)
+    versions = {uid: load.version for uid, load in server.hosted().items()}
+    for gone in (False, True):
+        _wait_for_steps(server, versions)  # the previous backward's steps are done before the reference copy
+        versions = {uid: v + (uid in ("text.0.0", "text.0.1")) for uid, v in versions.items()}
+        ref = LocalDispatcher({u: _copy(server.module(u)) for u in (f"text.0.{i}" for i in range(E))})
+        x = torch.randn(12, HIDDEN, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        out, answered = dispatcher.dispatch(x, idx, "text", 0)
+        out_ref, _ = ref.dispatch(x_ref, idx, "text", 0)
+        assert answered.all() and len(server.activations) == kept_before + 2
+        if gone:
+            assert server.activations.drop() == kept_before + 2
+        sent = dispatcher.stats.bytes_sent
+        grad = torch.randn_like(out)
+        (out * grad).sum().backward()
+        (out_ref * grad).sum().backward()
+        assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+        grad_bytes = 2 * 12 * HIDDEN * 4
+        assert dispatcher.stats.bytes_sent - sent == (3 * grad_bytes if gone else grad_bytes)  # x only on resend
+        assert dispatcher.stats.resent == (2 if gone else 0) and len(server.activations) == 0
+        kept_before = 0
+    assert dispatcher.stats.backward_failures == 0 and not dispatcher.bans.banned(swarm["server_node"].peer_id)
+    with torch.no_grad():  # evaluation keeps nothing
+        dispatcher.dispatch(torch.randn(12, HIDDEN), idx, "text", 0)
+    assert len(server.activations) == 0
 
 
 @pytest.mark.timeout(60)
@@ -506,6 +579,15 @@ def _kill_group(process: subprocess.Popen) -> None:
             time.sleep(0.05)
     leftover = [pid for pid in members if psutil.pid_exists(pid)]
     assert not leftover, f"processes of the killed host are still there: {leftover}"
+
+
+def _wait_for_steps(server: ExpertServer, versions: dict[str, int], timeout: float = 10.0) -> dict:
+    """``server.hosted()`` once every expert in ``versions`` took that many optimizer steps (they follow the answer
+    of a backward asynchronously), or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while any(server.hosted()[uid].version < v for uid, v in versions.items()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return server.hosted()
 
 
 def _copy(module):
