@@ -32,7 +32,7 @@ from hivemind.p2p import P2P, PeerID
 from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import Manifest
 from swarmtrain.dht.uids import make_uid
-from swarmtrain.expert_pool.codec import check_codec, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.codec import all_finite, check_codec, decode_tensor, encode_tensor
 from swarmtrain.expert_pool.registry import ExpertRegistry
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.expert_pool.session import SessionPool
@@ -391,7 +391,7 @@ class _DispatchFunction(torch.autograd.Function):
 
 def _finite(rows: torch.Tensor, name: str) -> torch.Tensor:
     """Refuse NaN/Inf here (a bug upstream) rather than have hosts refuse them and get banned for it."""
-    if not torch.isfinite(rows).all():
+    if not all_finite(rows):
         raise ValueError(f"the expert layer got NaN or Inf in {name}")
     return rows
 

@@ -45,7 +45,7 @@ from swarmtrain.dht.uids import parse_uid
 from swarmtrain.expert_pool.backend import ExpertBackend
 from swarmtrain.expert_pool.activations import DEFAULT_MAX_BYTES, ActivationCache
 from swarmtrain.expert_pool.batching import BatchQueue, Verb
-from swarmtrain.expert_pool.codec import WireError, check_codec, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.codec import WireError, all_finite, check_codec, decode_tensor, encode_tensor
 from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
 from swarmtrain.expert_pool.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -379,7 +379,7 @@ class ExpertServer(ServicerBase):
                 raise ExpertRequestError(f"{name} has {tensor.shape[0]} rows; this server takes 1..{self.max_rows}")
             if tensor.shape[0] != tensors[0].shape[0]:
                 raise ExpertRequestError(f"{name} has {tensor.shape[0]} rows but {names[0]} has {tensors[0].shape[0]}")
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise ExpertRequestError(f"{name} of {backend.uid} contains NaN or Inf")
         return tuple(tensor.detach().cpu() for tensor in tensors)
 
