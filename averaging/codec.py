@@ -10,16 +10,24 @@ are sent as float16, where 8-bit blocks would cost more in absmax overhead and e
 ``e_{t+1} = x_t + e_t - Q(x_t + e_t)``, so the sum of what was sent tracks the sum of what was meant to be sent to
 within one step's quantization error instead of drifting.
 
+Optionally (``entropy=True``, manifest ``averaging.entropy_coding``) an 8-bit message is further compressed,
+losslessly, with zstd (level 1: Huffman coding of the byte values). bitsandbytes' dynamic map uses its 256 codes
+unevenly (blockwise-quantized Gaussian values carry ~7.07 bits of entropy per code), so this saves ~11% of the
+bytes (0.89 bytes per element) for ~3-6 ms of CPU per million elements per side: a clear win on volunteers'
+home uplinks, a small loss on a LAN. Receivers accept both forms whatever their own setting (the dtype tag says).
+
 This module only converts tensors to and from bytes; it knows nothing about peers or the protocol. Decoding
 validates sizes and rejects non-finite values with :class:`WireError` (the caller drops the message).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
+import zstandard
 from hivemind.proto import runtime_pb2
 
 from swarmtrain.averaging import blockwise
@@ -36,6 +44,9 @@ _WIRE = {  # segment codec -> (protobuf compression, dtype tag)
     "8bit": (runtime_pb2.CompressionType.BLOCKWISE_8BIT, "uint8-blockwise"),
 }
 _BY_COMPRESSION = {compression: name for name, (compression, _) in _WIRE.items()}
+ENTROPY_CODED = "uint8-blockwise-zstd"  # dtype tag of an 8-bit message whose bytes are zstd-compressed
+ENTROPY_LEVEL = 1
+_zstd = threading.local()  # zstd contexts are not thread-safe: one compressor/decompressor per thread
 
 
 class WireError(ValueError):
@@ -109,6 +120,7 @@ def encode(
     with_decoded: bool = True,
     check_finite: bool = True,
     scratch: Optional[Scratch] = None,
+    entropy: bool = False,
 ) -> tuple[runtime_pb2.Tensor, Optional[torch.Tensor]]:
     """Encode the float32 vector ``x``: (message, what the receiver will decode from it, if ``with_decoded``).
 
@@ -116,6 +128,7 @@ def encode(
     a NaN into a finite number, and float16 turns values beyond 65504 into Inf). A caller that has already
     checked ``x`` (e.g. by computing its norm) passes ``check_finite=False`` to skip the 8-bit codec's extra pass;
     float16 overflow is always checked. ``scratch`` (one per thread) saves allocating the 8-bit buffer each time.
+    ``entropy`` zstd-compresses an 8-bit message (kept raw in the rare case that would not make it smaller).
     """
     x = x.reshape(-1)
     if x.dtype != torch.float32:
@@ -139,6 +152,10 @@ def encode(
         blockwise.quantize_into(x.contiguous(), absmax, codes, blocksize)
         buffer = wire.numpy().tobytes()
         decoded = blockwise.dequantize_into(codes, absmax, torch.empty(n), blocksize) if with_decoded else None
+        if entropy:
+            packed = _compressor().compress(buffer)
+            if len(packed) < len(buffer):
+                buffer, dtype = packed, ENTROPY_CODED
     message = runtime_pb2.Tensor(buffer=buffer, size=[n], dtype=dtype, compression=compression)
     return message, decoded
 
@@ -151,7 +168,8 @@ def decode(
     With ``out`` (a contiguous float32 CPU tensor of ``numel`` elements) the values are written there.
     """
     name = _BY_COMPRESSION.get(message.compression)
-    if name is None or message.dtype != _WIRE[name][1]:
+    entropy_coded = name == "8bit" and message.dtype == ENTROPY_CODED
+    if name is None or (message.dtype != _WIRE[name][1] and not entropy_coded):
         raise WireError(f"unknown encoding compression={message.compression} dtype={message.dtype!r}")
     if list(message.size) != [numel]:
         raise WireError(f"chunk has size {list(message.size)}, expected [{numel}]")
@@ -159,6 +177,8 @@ def decode(
     buffer = message.buffer
     if name == "8bit":
         nblocks = -(-numel // blocksize)
+        if entropy_coded:
+            buffer = _decompress(buffer, 4 * nblocks + numel)
         if len(buffer) != 4 * nblocks + numel:
             raise WireError(f"8-bit chunk of {numel} elements has {len(buffer)} bytes, expected {4 * nblocks + numel}")
         # codes map into [-1, 1]: the values are finite iff every block scale is
@@ -178,6 +198,29 @@ def _finite(x: torch.Tensor) -> bool:
     """Whether every element is finite: one fast reduction (a NaN or Inf anywhere makes the sum non-finite;
     so would finite values summing beyond float32 range, far outside any parameter's)."""
     return bool(torch.isfinite(x.sum(dtype=torch.float32)))
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_zstd, "compressor"):
+        _zstd.compressor = zstandard.ZstdCompressor(level=ENTROPY_LEVEL)
+        _zstd.decompressor = zstandard.ZstdDecompressor()
+    return _zstd.compressor
+
+
+def _decompress(buffer: bytes, expected: int) -> bytes:
+    """The zstd frame ``buffer`` decompressed, which must be exactly ``expected`` bytes (else WireError: a frame
+    that claims or holds more is never expanded beyond ``expected``)."""
+    _compressor()
+    try:
+        size = zstandard.frame_content_size(buffer)
+        if size not in (expected, zstandard.CONTENTSIZE_UNKNOWN):
+            raise WireError(f"entropy-coded chunk expands to {size} bytes, expected {expected}")
+        raw = _zstd.decompressor.decompress(buffer, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise WireError(f"undecodable entropy-coded chunk: {e}") from e
+    if len(raw) != expected:
+        raise WireError(f"entropy-coded chunk expands to {len(raw)} bytes, expected {expected}")
+    return raw
 
 
 def check_codec(codec: str, blocksize: int = 4096) -> str:

@@ -131,11 +131,13 @@ class LocalReplica:
             message, _ = encode(x, "none")
             return message, x, x, own_sq, own_sq, 0.0
         if not self.spec.error_feedback:
-            message, decoded = encode(x, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch())
+            message, decoded = encode(x, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch(),
+                                      entropy=self.spec.entropy_coding)
             err_sq = float(torch.sum((x - decoded) ** 2)) if self.spec.adaptive_precision else 0.0
             return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
         meant = self.feedback.compensate(segment.lo, x)
-        message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch())
+        message, decoded = encode(meant, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch(),
+                                  entropy=self.spec.entropy_coding)
         err_sq = self.feedback.update(segment.lo, meant, decoded)
         return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
 
@@ -151,9 +153,11 @@ class LocalReplica:
         own_sq = _checked_sq_norm(x)
         b = x - theirs
         if segment.codec == "8bit" and float(torch.dot(b, b)) > own_sq:
-            reply, decoded = encode(x, segment.codec, blocksize, check_finite=False, scratch=self._scratch())
+            reply, decoded = encode(x, segment.codec, blocksize, check_finite=False, scratch=self._scratch(),
+                                    entropy=self.spec.entropy_coding)
             return reply, "v", x, decoded.sub_(theirs), own_sq, float(torch.dot(theirs, theirs))
-        reply, decoded = encode(b, segment.codec, blocksize, check_finite=False, scratch=self._scratch())
+        reply, decoded = encode(b, segment.codec, blocksize, check_finite=False, scratch=self._scratch(),
+                                entropy=self.spec.entropy_coding)
         return reply, "d", x, decoded, own_sq, float(torch.dot(theirs, theirs))
 
     def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:

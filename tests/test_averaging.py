@@ -373,6 +373,36 @@ def test_codecs_round_trip_within_their_error_and_reject_bad_chunks():
         encode(x[:10], "int4")
 
 
+def test_entropy_coding_is_lossless_smaller_and_refuses_forged_frames():
+    import zstandard
+
+    from swarmtrain.averaging.codec import ENTROPY_CODED, WireError, decode, encode
+
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(2))
+    plain, decoded = encode(x, "8bit", 4096)
+    packed, decoded_packed = encode(x, "8bit", 4096, entropy=True)
+    assert packed.dtype == ENTROPY_CODED and torch.equal(decoded, decoded_packed)
+    assert len(packed.buffer) < 0.9 * len(plain.buffer)  # ~7.07 bits of entropy per 8-bit code
+    back, name = decode(packed, x.numel(), 4096)
+    assert name == "8bit" and torch.equal(back, decoded)
+    assert encode(x, "fp16", entropy=True)[0].dtype == "float16"  # only 8-bit messages are entropy-coded
+    n = 5000  # forged frames: one that expands beyond the chunk's size, one of garbage, one of the wrong size
+    expected = 4 * 2 + n
+    for buffer, match in [
+        (zstandard.ZstdCompressor().compress(bytes(expected * 100)), "expands"),
+        (b"\x28\xb5\x2f\xfd" + bytes(range(60)), "undecodable|expands"),
+        (zstandard.ZstdCompressor().compress(bytes(expected - 1)), "expands"),
+    ]:
+        forged = encode(x[:n], "8bit", 4096, entropy=True)[0]
+        forged.buffer = buffer
+        with pytest.raises(WireError, match=match):
+            decode(forged, n, 4096)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(expected * 100))
+    forged.buffer = unsized  # no size in the frame: never expanded beyond the chunk's size
+    with pytest.raises(WireError):
+        decode(forged, n, 4096)
+
+
 def test_error_feedback_keeps_the_accumulated_error_bounded():
     """Sending the same slowly drifting vector T times: without error feedback the 8-bit errors add up
     (T times one step's error); with it the sum of what was sent stays within about one step's error."""
@@ -403,17 +433,17 @@ def test_error_feedback_keeps_the_accumulated_error_bounded():
 @pytest.mark.timeout(60)
 def test_8bit_only_moves_about_one_byte_per_element_and_adaptive_precision_more(nodes):
     """With ``adaptive_precision=False`` every exchange sends 8-bit values and 8-bit answers (~1 byte per element
-    each way, no float16 and no sampled values); by default, once the pair is close, the initiator's values go as
-    float16 (~1.5 bytes per element). Either way the pair's sum is kept exactly (push-sum)."""
+    each way, no float16 and no sampled values), ~0.89 with ``entropy_coding``; by default, once the pair is close,
+    the initiator's values go as float16 (~1.5 bytes per element). Either way the pair's sum is kept exactly."""
     numel = 1 << 20
     gen = torch.Generator().manual_seed(5)
     a0, b0 = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
     moved = {}
-    for adaptive in (False, True):
+    for adaptive, entropy in ((False, False), (True, False), (False, True)):
         a, b = [a0.clone()], [b0.clone()]
         spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", adaptive_precision=adaptive,
-                             error_feedback=adaptive)
-        group = f"bytes{int(adaptive)}"
+                             error_feedback=adaptive, entropy_coding=entropy)
+        group = f"bytes{int(adaptive)}{int(entropy)}"
         avg_a, avg_b = _averager(nodes[0], a, spec, group), _averager(nodes[1], b, spec, group)
         try:
             avg_b.start()
@@ -434,9 +464,10 @@ def test_8bit_only_moves_about_one_byte_per_element_and_adaptive_precision_more(
         assert _rel(a[0], (a0 + b0) / 2) < 0.015 and _rel(b[0], (a0 + b0) / 2) < 0.015
         if not adaptive:
             assert avg_a.replica.feedback.residual is None  # no error feedback kept
-        moved[adaptive] = per_exchange
-    assert all(1.0 <= x <= 1.02 for x in moved[False]), moved
-    assert max(moved[True][1:]) > 1.4, moved  # float16 values once the pair agrees to within 8-bit errors
+        moved[adaptive, entropy] = per_exchange
+    assert all(1.0 <= x <= 1.02 for x in moved[False, False]), moved
+    assert max(moved[True, False][1:]) > 1.4, moved  # float16 values once the pair agrees to within 8-bit errors
+    assert all(0.85 <= x <= 0.92 for x in moved[False, True]), moved  # zstd on the 8-bit codes: lossless, ~11% less
 
 
 def test_exchange_rules_by_hand():
