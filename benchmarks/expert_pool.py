@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "adam8bit"],
                         help="our server's expert optimizer (one step per backward batch)")
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--activation-cache-mb", type=float, default=256,
+                        help="our server keeps forward activations for the backward (0: recompute the forward, as "
+                             "hivemind does, and resend x)")
     return parser.parse_args()
 
 
@@ -205,7 +208,8 @@ def _our_swarm(args):
         f.write(manifest.model_dump_json())
     host = subprocess.Popen(
         [sys.executable, "-m", "swarmtrain.expert_pool.host", "--manifest", manifest_path,
-         "--experts", *manifest.expert_uids(), "--handler-threads", str(args.handlers), "--torch-threads", "1"],
+         "--experts", *manifest.expert_uids(), "--handler-threads", str(args.handlers), "--torch-threads", "1",
+         "--activation-cache-mb", str(args.activation_cache_mb)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     node = None

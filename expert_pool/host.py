@@ -26,6 +26,7 @@ from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import Manifest
+from swarmtrain.expert_pool.activations import DEFAULT_MAX_BYTES
 from swarmtrain.expert_pool.registry import ExpertRegistry
 from swarmtrain.expert_pool.server import ExpertServer
 
@@ -40,6 +41,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--handler-threads", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--max-wait-s", type=float, default=0.0)
+    parser.add_argument("--activation-cache-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                        help="memory for activations kept between a caller's forward and backward (0: recompute)")
     parser.add_argument("--ttl-s", type=float, default=30.0)
     parser.add_argument("--refresh-s", type=float, default=2.0)
     return parser.parse_args(argv)
@@ -58,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         host_maddrs=args.host_maddrs,
     )
     server = ExpertServer(
-        node.p2p, node.loop, manifest, handler_threads=args.handler_threads, max_wait_s=args.max_wait_s
+        node.p2p, node.loop, manifest, handler_threads=args.handler_threads, max_wait_s=args.max_wait_s,
+        activation_cache_bytes=int(args.activation_cache_mb * 2**20),
     )
     registry = None
     try:
