@@ -352,6 +352,23 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(swarm):
     lying = [runtime_pb2.ExpertRequest(uid="text.0.0", metadata=msgpack.packb({"n_tensors": 3}))]
     with pytest.raises(ExpertCallError, match="announces 3 tensors"):
         node.loop.run(_call(node.p2p, peer, "forward", lying), timeout=30)
+    # a backward quoting kept activations: a malformed quote or a row mismatch is refused; a number the server
+    # does not keep (expired, evicted, restarted, someone else's) asks for x again and is no refusal
+    def backward_quoting(quote, rows=good):
+        request = pack_request("text.0.0", {"saved": quote}, [encode_tensor(rows)])
+        return node.loop.run(_call(node.p2p, peer, "backward", request), timeout=30)
+
+    for quote in ("seven", True, 1.5):
+        with pytest.raises(ExpertCallError, match="'saved' must be an integer") as info:
+            backward_quoting(quote)
+        assert info.value.refused
+    with pytest.raises(ExpertCallError, match="send x again") as info:
+        backward_quoting(10**9)
+    assert info.value.resend and not info.value.refused
+    keep = pack_request("text.0.0", {"keep": True}, [encode_tensor(good)])
+    meta, _ = node.loop.run(_call(node.p2p, peer, "forward", keep), timeout=30)
+    with pytest.raises(ExpertCallError, match="grad_out has 3 rows but forward call"):
+        backward_quoting(meta["saved"], good[:3])
     # nothing reached an optimizer, and the server still answers good requests
     assert {uid: load.version for uid, load in server.hosted().items()} == versions
     assert server.rejected >= len(cases) + 3
