@@ -25,6 +25,8 @@ class AveragingStats:
         us since our last exchange, so that averaging again would change nothing)
     :param rejected: exchanges refused because the partner's tensors were bad (NaN/Inf, wrong sizes, outliers)
     :param stale_dropped: exchanges whose result was dropped because local training moved on too far meanwhile
+    :param relative: of ``rounds``, those whose 8-bit values travelled as differences from a reference vector
+        shared with the partner (``averaging.reference_partners``)
     """
 
     rounds: int
@@ -37,6 +39,7 @@ class AveragingStats:
     busy: int = 0
     rejected: int = 0
     stale_dropped: int = 0
+    relative: int = 0
 
 
 @runtime_checkable

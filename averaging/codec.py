@@ -267,6 +267,13 @@ class ErrorFeedback:
         torch.sub(meant, decoded, out=dropped)
         return float(torch.dot(dropped, dropped))
 
+    def skip(self, lo: int, n: int) -> None:
+        """Nothing was dropped over ``[lo, lo+n)`` this time (e.g. those values went as differences from a shared
+        reference, which carries any error into the next exchange by itself)."""
+        if self._pending is None:
+            self._pending = torch.zeros(self.numel, dtype=torch.float32)
+        self._pending[lo : lo + n].zero_()
+
     def commit(self) -> None:
         """The message was used: the residuals written since the last commit become current."""
         if self._pending is not None:

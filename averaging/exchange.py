@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
@@ -52,24 +53,27 @@ class Outcome:
     weight: float = 1.0  # the initiator's push-sum weight
     committing: bool = False  # the commit arrived: the exchange must not be cancelled any more
     agree: bool = True  # no chunk of values came 8-bit: the pair agrees afterwards (up to 8-bit differences)
+    relative: bool = False  # values came as 8-bit differences from the reference we share with the initiator
 
 
 async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str,
                    local_step: Callable[[], int], unchanged_if: Optional[tuple[int, int]] = None,
-                   partner: Optional[dict] = None) -> str:
+                   partner: Optional[dict] = None, peer: str = "") -> str:
     """Run one exchange as the initiator: "ok", "busy" or "stale"; raises Rejected/ProtocolError/WireError on
     bad data, LocalDataError if our own values are not finite, TimeoutError when the partner stalls past
     ``spec.timeout_s`` and ConnectionError (or another p2p error) when it goes away. Parameters change only on
     "ok". Once the partner's "done" has arrived our own half is scheduled (shielded) before anything else can
     happen, so no timeout or shutdown can separate the two halves of an exchange (only a "done" lost on the
     wire can). ``partner`` receives the partner's ``state`` (exchanges applied, local step) from its "accept"
-    and whether the pair ``agree`` s afterwards."""
+    and whether the pair ``agree`` s afterwards, and ``relative`` when our 8-bit values went as differences from
+    the reference shared with ``peer`` (see :mod:`~swarmtrain.averaging.references`)."""
     outbox: asyncio.Queue = asyncio.Queue()
     spec = replica.spec
     deadline = asyncio.get_running_loop().time() + spec.timeout_s
+    ref_token = replica.references.token(peer) if peer else None
     hello = protocol.hello(group, replica.numel, replica.layout, spec.codec, spec.blocksize, spec.chunk_elems,
                            replica.weight, (replica.version, local_step()), unchanged_if,
-                           sample=spec.codec == "8bit" and spec.adaptive_precision)
+                           sample=spec.codec == "8bit" and spec.adaptive_precision, ref=ref_token)
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield meter.out(hello)
@@ -90,15 +94,21 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         state = meta.get("state")
         if partner is not None and isinstance(state, list) and len(state) == 2:
             partner["state"] = (int(state[0]), int(state[1]))
+        reference = None
+        if ref_token is not None:  # the partner holds the same reference (same token), or we drop ours
+            reference = replica.references.get(peer, ref_token if meta.get("ref") is True else -1)
+            if reference is not None and not await replica.call(replica.worth_relative, reference):
+                reference = None
         sample = meta.get("sample")
         partner_sample = _sample_tensor(sample) if isinstance(sample, bytes) else torch.empty(0)
-        precise = await replica.call(replica.precise_values, partner_sample)
+        precise = reference is None and await replica.call(replica.precise_values, partner_sample)
         if partner is not None:  # lossless enough that the pair agrees afterwards (else re-averaging helps)
-            partner["agree"] = spec.codec != "8bit" or precise
+            partner["agree"] = spec.codec != "8bit" or precise or reference is not None
+            partner["relative"] = reference is not None
         step0 = local_step()
         snapshot = torch.empty(replica.numel) if replica.needs_snapshot else None
         sent: dict[int, torch.Tensor] = {}
-        sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise, sent))
+        sender = asyncio.create_task(_send_values(replica, outbox, snapshot, precise, sent, reference))
         stage = "waiting for answers"
         try:
             received = await _receive_answers(replica, stream, meter, deadline, sent)
@@ -118,7 +128,8 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
             if why_not == "stale":
                 return "stale"
             raise Rejected(why_not)
-        outbox.put_nowait(protocol.request("commit", factor=factor))
+        new_token = random.getrandbits(62) if replica.references.max_partners and peer else None
+        outbox.put_nowait(protocol.request("commit", factor=factor, ref=new_token))
         stage = "waiting for done"
         kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("done", "refuse"))
         # end our side only now: writing to a stream the partner already closed would reset it, and a reset
@@ -129,6 +140,9 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         applied = True
         replica.after_exchange(True, own_norm, q8_err)
         await asyncio.shield(replica.call(replica.apply_mixing, received, weight_p, factor, 1.0, snapshot))
+        if new_token is not None:  # the partner stored the same before its "done"
+            values = torch.cat([sent[segment.lo] for segment in replica.segments])
+            await asyncio.shield(replica.call(replica.references.store, peer, new_token, values, received))
         return "ok"
     except (asyncio.TimeoutError, ConnectionError, OSError) as e:
         raise type(e)(f"{e or type(e).__name__} ({stage})") from None
@@ -142,8 +156,10 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
 
 
 async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, meter: Meter, outcome: Outcome,
-                still_ours: Callable[[], bool], local_step: int = 0) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """Serve one exchange as the partner after an accepted ``hello``; the end is recorded in ``outcome``.
+                still_ours: Callable[[], bool], local_step: int = 0,
+                remote: str = "") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Serve one exchange as the partner (of the initiator ``remote``) after an accepted ``hello``; the end is
+    recorded in ``outcome``.
 
     ``still_ours()`` turns False when the averager gave up on this exchange (it ran past the timeout): then
     nothing is applied. Bad data ends the exchange with a ``refuse`` message and leaves parameters untouched.
@@ -153,9 +169,14 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
     timeout = replica.spec.timeout_s
     outcome.weight = hello["weight"]
     try:
+        reference = None
+        if remote and isinstance(hello.get("ref"), int) and not isinstance(hello.get("ref"), bool):
+            reference = replica.references.get(remote, hello["ref"])  # a mismatched token drops ours
         sample = (await replica.call(replica.sample)).numpy().tobytes() if hello.get("sample", True) else None
-        yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step], sample=sample)
+        yield protocol.response("accept", weight=replica.weight, state=[replica.version, local_step], sample=sample,
+                                ref=reference is not None)
         received = torch.empty(replica.numel)
+        values = torch.empty(replica.numel) if replica.references.max_partners and remote else None
         snapshot = torch.empty(replica.numel) if replica.needs_snapshot else None
         own_sq = their_sq = 0.0
         for segment in segments:
@@ -166,11 +187,18 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
                 return
             if protocol.field(meta, "o", int) != segment.lo or tensor is None:
                 raise ProtocolError(f"expected the chunk at offset {segment.lo}")
-            if tensor.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT:
+            relative = meta.get("r") is True
+            if relative and reference is None:
+                raise ProtocolError(f"chunk at {segment.lo} is relative to a reference we do not share")
+            if tensor.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT and not relative:
                 outcome.agree = False
-            reply, mode, x, d, x_sq, a_sq = await replica.call(replica.answer_chunk, tensor, segment, blocksize)
+            reply, mode, x, d, x_sq, a_sq, a = await replica.call(replica.answer_chunk, tensor, segment, blocksize,
+                                                                  reference if relative else None)
             if snapshot is not None:
                 snapshot[segment.lo : segment.hi] = x
+            if values is not None:
+                values[segment.lo : segment.hi] = a
+            outcome.relative = outcome.relative or relative
             own_sq, their_sq = own_sq + x_sq, their_sq + a_sq
             received[segment.lo : segment.hi] = d
             yield protocol.response("chunk", reply, o=segment.lo, m=mode)
@@ -187,8 +215,11 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
         if not still_ours():
             outcome.result, outcome.error = "failed", "timed out before the commit"
             return
+        new_token = meta.get("ref")
         outcome.committing = True  # from here on nothing may stop us between applying and saying "done"
         await asyncio.shield(replica.call(replica.apply_mixing, received, hello["weight"], factor, -1.0, snapshot))
+        if values is not None and isinstance(new_token, int) and not isinstance(new_token, bool):
+            await asyncio.shield(replica.call(replica.references.store, remote, new_token, values, received))
         outcome.result = "ok"
         yield protocol.response("done")
         await _drain(requests, timeout)
@@ -301,15 +332,18 @@ async def _receive_answers(replica: LocalReplica, stream, meter: Meter, deadline
 
 
 async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: Optional[torch.Tensor],
-                       precise: bool, sent: dict[int, torch.Tensor]):
-    """Encode our values segment by segment into ``outbox`` (keeping what the partner decodes in ``sent``);
-    returns (||x||, ||A||, 8-bit error or None)."""
+                       precise: bool, sent: dict[int, torch.Tensor], reference: Optional[torch.Tensor] = None):
+    """Encode our values segment by segment into ``outbox`` (keeping what the partner decodes in ``sent``; 8-bit
+    segments as differences from ``reference`` if given); returns (||x||, ||A||, 8-bit error or None)."""
     own_sq = sent_sq = 0.0
     q8_sq, any_q8 = 0.0, False
     for segment in replica.segments:
-        codec = replica.value_codec(segment, precise)
+        relative = reference is not None and segment.codec == "8bit"
+        codec = "8bit" if relative else replica.value_codec(segment, precise)
         try:
-            message, x, sent[segment.lo], x_sq, a_sq, err_sq = await replica.call(replica.encode_own, segment, codec)
+            message, x, sent[segment.lo], x_sq, a_sq, err_sq = await replica.call(
+                replica.encode_own, segment, codec, reference if relative else None
+            )
         except LocalDataError as e:
             outbox.put_nowait(protocol.request("abort", reason="the initiator's parameters are not finite"))
             outbox.put_nowait(None)
@@ -317,9 +351,10 @@ async def _send_values(replica: LocalReplica, outbox: asyncio.Queue, snapshot: O
         if snapshot is not None:
             snapshot[segment.lo : segment.hi] = x
         own_sq, sent_sq = own_sq + x_sq, sent_sq + a_sq
-        if codec == "8bit":
+        if codec == "8bit" and not relative:
             q8_sq, any_q8 = q8_sq + err_sq, True
-        outbox.put_nowait(protocol.request("chunk", message, o=segment.lo))
+        fields = {"o": segment.lo, "r": True} if relative else {"o": segment.lo}
+        outbox.put_nowait(protocol.request("chunk", message, **fields))
     return own_sq**0.5, sent_sq**0.5, (q8_sq**0.5 if any_q8 else None)
 
 

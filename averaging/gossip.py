@@ -125,7 +125,7 @@ class GossipAverager(ServicerBase):
         # one with 8-bit values, whose quantization error keeps the pair apart): while neither state changes,
         # averaging again would change nothing
         self._synced: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
-        self._counts = dict(rounds=0, failures=0, served=0, busy=0, rejected=0, stale_dropped=0)
+        self._counts = dict(rounds=0, failures=0, served=0, busy=0, rejected=0, stale_dropped=0, relative=0)
         self._last_partner: Optional[str] = None
         self._last_round_s: Optional[float] = None
         self._task: Optional[asyncio.Task] = None
@@ -225,7 +225,7 @@ class GossipAverager(ServicerBase):
         )
         try:
             async for message in exchange.serve(self.replica, hello, requests, self.meter, outcome,
-                                                lambda: self._session is token, self._local_step):
+                                                lambda: self._session is token, self._local_step, remote):
                 yield self.meter.out(message)
         finally:
             watchdog.cancel()
@@ -234,6 +234,7 @@ class GossipAverager(ServicerBase):
             if self._session is token:
                 self._session = None
                 self._record(remote, outcome.result, outcome.error, served=True)
+                self._counts["relative"] += int(outcome.result == "ok" and outcome.relative)
                 state = hello.get("state")
                 if outcome.result == "ok" and outcome.agree and isinstance(state, list) and len(state) == 2:
                     self._synced[remote] = (self._state(), (int(state[0]) + 1, int(state[1])))
@@ -318,8 +319,9 @@ class GossipAverager(ServicerBase):
         try:  # initiate() enforces spec.timeout_s per step itself: an outer timeout could split an exchange
             outcome = await exchange.initiate(
                 self.replica, stub.rpc_exchange, self.meter, self.group, lambda: self._local_step, unchanged_if,
-                partner,
+                partner, peer,
             )
+            self._counts["relative"] += int(outcome == "ok" and partner.get("relative", False))
             if outcome == "ok" and "state" in partner and partner.get("agree"):
                 version, step = partner["state"]
                 self._synced[peer] = (self._state(), (version + 1, step))

@@ -5,14 +5,15 @@ whose ``metadata`` is a msgpack map with a type tag ``t``; chunks carry one enco
 (:mod:`swarmtrain.averaging.codec`). One exchange (``rpc_exchange``, a bidirectional stream)::
 
     initiator                                   partner
-    hello {group, numel, layout, codec, ...} ->
-                                             <- accept {weight, state, sample} | refuse {reason}
-    chunk {o} + A[o:o+n]  (its values)     ->
-                                             <- chunk {o, m} + B[o:o+n]  (m="d": partner values - decoded A;
-                                                                         m="v": partner values)
+    hello {group, numel, layout, codec, ..., ref} ->
+                                             <- accept {weight, state, sample, ref} | refuse {reason}
+    chunk {o, r} + A[o:o+n]  (its values;  ->
+      r: as 8-bit A - R, R the reference        <- chunk {o, m} + B[o:o+n]  (m="d": partner values - decoded A;
+      the pair shares under hello's ref token)                               m="v": partner values)
     ... (pipelined, one reply per chunk)
-    commit {factor}  | abort {reason}      ->
-                                             <- done {}   (partner applied its half)  | refuse {reason}
+    commit {factor, ref} | abort {reason}  ->
+                                             <- done {}   (partner applied its half and, with a commit
+                                                           ref token, stored the new reference) | refuse {reason}
 
 A state transfer (``rpc_state``) is ``state {group, numel, layout}`` answered by ``accept``, float32 chunks and
 ``done``. :func:`parse` rejects anything unexpected with :class:`ProtocolError` naming what was wrong.
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import msgpack
 from hivemind.proto import runtime_pb2
 
-PROTOCOL_VERSION = 2  # 2: tensors large-first, 8-bit segments span consecutive large tensors
+PROTOCOL_VERSION = 3  # 2: tensors large-first, 8-bit segments span consecutive large tensors; 3: shared references
 
 
 class ProtocolError(ValueError):
@@ -45,14 +46,16 @@ def response(kind: str, tensor: Optional[runtime_pb2.Tensor] = None, **fields: A
 
 
 def hello(group: str, numel: int, layout: str, codec: str, blocksize: int, chunk_elems: int, weight: float,
-          state: tuple[int, int] = (0, 0), unchanged_if: Optional[tuple[int, int]] = None, sample: bool = True):
+          state: tuple[int, int] = (0, 0), unchanged_if: Optional[tuple[int, int]] = None, sample: bool = True,
+          ref: Optional[int] = None):
     """The first message of an exchange: what the initiator averages (group, layout), how (codec, chunking), its
     push-sum weight and state (exchanges applied, local step); with ``unchanged_if`` the partner refuses
     ("unchanged") if its own state is still that one, i.e. the pair already agrees; ``sample``: whether the
-    partner should send sampled values with "accept" (only needed to choose the precision of 8-bit values)."""
+    partner should send sampled values with "accept" (only needed to choose the precision of 8-bit values);
+    ``ref``: the token of the reference vector the initiator shares with this partner, if any."""
     return request("hello", v=PROTOCOL_VERSION, group=group, numel=numel, layout=layout, codec=codec,
                    blocksize=blocksize, chunk_elems=chunk_elems, weight=weight, state=list(state),
-                   unchanged_if=list(unchanged_if) if unchanged_if is not None else None, sample=sample)
+                   unchanged_if=list(unchanged_if) if unchanged_if is not None else None, sample=sample, ref=ref)
 
 
 def parse(message, expected: tuple[str, ...]) -> tuple[str, dict, Optional[runtime_pb2.Tensor]]:

@@ -21,11 +21,13 @@ from swarmtrain.averaging.codec import (
     SMALL_TENSOR, ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments,
 )
 from swarmtrain.averaging.flat import FlatParams
+from swarmtrain.averaging.references import PairReferences
 from swarmtrain.dht.records import AveragingSpec
 
 
 SAMPLE_SIZE = 4096  # elements sampled to estimate the distance to a partner before sending our values
 PRECISION_MARGIN = 8.0  # float16 values when the partner is closer than this many 8-bit quantization errors
+RELATIVE_MAX = 0.5  # send differences from a shared reference only while |x - R| < this x |x| (on the sample)
 
 
 class LocalReplica:
@@ -51,6 +53,7 @@ class LocalReplica:
         m = min(SAMPLE_SIZE, self.flat.numel)  # evenly spread elements for estimating distances cheaply
         self.sample_indices = torch.arange(m, dtype=torch.int64) * self.flat.numel // m
         self.outer: Optional[rules.OuterNesterov] = None  # diloco mode only, see start_outer
+        self.references = PairReferences(self.flat.numel, spec.reference_partners if spec.codec == "8bit" else 0)
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"avg-{name}")
         self._scratches = threading.local()
         if spec.codec == "8bit":
@@ -120,16 +123,32 @@ class LocalReplica:
         """How the initiator encodes its values for ``segment`` (float16 instead of 8-bit when ``precise``)."""
         return "fp16" if segment.codec == "8bit" and precise else segment.codec
 
-    def encode_own(self, segment: Segment, codec: str):
+    def worth_relative(self, reference: torch.Tensor) -> bool:
+        """Whether differences from ``reference`` are much smaller than our values (on the sampled elements), so
+        that 8-bit differences beat 8-bit values."""
+        ours = self.sample()
+        ref = reference.index_select(0, self.sample_indices)
+        return float(torch.sum((ours - ref) ** 2)) < RELATIVE_MAX**2 * float(torch.dot(ours, ours))
+
+    def encode_own(self, segment: Segment, codec: str, reference: Optional[torch.Tensor] = None):
         """Initiator: (message, our values x, what the partner decodes, ||x||^2, ||A||^2, squared encoding
-        error) for ``segment``, with error feedback for lossy codecs. Raises LocalDataError if our values are not
-        finite."""
+        error) for ``segment``, with error feedback for lossy codecs. With ``reference`` (an 8-bit segment, a
+        reference shared with the partner) the message holds ``Q8(x - R)`` and the partner decodes ``R + that``.
+        Raises LocalDataError if our values are not finite."""
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
         own_sq = _checked_sq_norm(x)
         if codec == "none":
             message, _ = encode(x, "none")
             return message, x, x, own_sq, own_sq, 0.0
+        if reference is not None:
+            ref = reference[segment.lo : segment.hi]
+            message, decoded = encode(x - ref, codec, self.spec.blocksize, check_finite=False,
+                                      scratch=self._scratch(), entropy=self.spec.entropy_coding)
+            decoded.add_(ref)  # = R + decoded, the partner's very operation
+            if self.spec.error_feedback:
+                self.feedback.skip(segment.lo, segment.hi - segment.lo)
+            return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), 0.0
         if not self.spec.error_feedback:
             message, decoded = encode(x, codec, self.spec.blocksize, check_finite=False, scratch=self._scratch(),
                                       entropy=self.spec.entropy_coding)
@@ -141,24 +160,33 @@ class LocalReplica:
         err_sq = self.feedback.update(segment.lo, meant, decoded)
         return message, x, decoded, own_sq, float(torch.dot(decoded, decoded)), err_sq
 
-    def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int):
-        """Partner: decode the initiator's values ``a`` for ``segment`` and answer with the segment's codec:
-        ``b = x - a`` (mode "d"), or our values ``x`` themselves (mode "v") when the pair is farther apart than
-        ``x`` is large (then an 8-bit ``x`` loses less than an 8-bit ``b``). Returns (reply, mode, our x, the
-        move ``d`` both sides apply (decoded ``b``, or decoded ``x`` minus ``a``), ||x||^2, ||a||^2). Raises
-        WireError on bad input, LocalDataError if our own values are not finite."""
-        theirs, _ = decode(tensor, segment.hi - segment.lo, blocksize)
+    def answer_chunk(self, tensor: runtime_pb2.Tensor, segment: Segment, blocksize: int,
+                     reference: Optional[torch.Tensor] = None):
+        """Partner: decode the initiator's values ``a`` for ``segment`` (``R + decoded`` when the chunk is a
+        difference from the ``reference`` we share) and answer with the segment's codec: ``b = x - a`` (mode
+        "d"), or our values ``x`` themselves (mode "v") when the pair is farther apart than ``x`` is large (then
+        an 8-bit ``x`` loses less than an 8-bit ``b``). Returns (reply, mode, our x, the move ``d`` both sides
+        apply (decoded ``b``, or decoded ``x`` minus ``a``), ||x||^2, ||a||^2, ``a``). Raises WireError on bad
+        input, LocalDataError if our own values are not finite."""
+        theirs, codec = decode(tensor, segment.hi - segment.lo, blocksize)
+        if reference is not None:
+            if codec != "8bit" or segment.codec != "8bit":
+                raise WireError(f"a difference from the shared reference must be 8-bit, got {codec}")
+            theirs.add_(reference[segment.lo : segment.hi])
+            if not bool(torch.isfinite(theirs.sum())):
+                raise WireError(f"chunk at {segment.lo} holds values beyond float32 range")
         with self.lock:
             x = self.flat.read(segment.lo, segment.hi)
         own_sq = _checked_sq_norm(x)
         b = x - theirs
+        a_sq = float(torch.dot(theirs, theirs))
         if segment.codec == "8bit" and float(torch.dot(b, b)) > own_sq:
             reply, decoded = encode(x, segment.codec, blocksize, check_finite=False, scratch=self._scratch(),
                                     entropy=self.spec.entropy_coding)
-            return reply, "v", x, decoded.sub_(theirs), own_sq, float(torch.dot(theirs, theirs))
+            return reply, "v", x, decoded.sub_(theirs), own_sq, a_sq, theirs
         reply, decoded = encode(b, segment.codec, blocksize, check_finite=False, scratch=self._scratch(),
                                 entropy=self.spec.entropy_coding)
-        return reply, "d", x, decoded, own_sq, float(torch.dot(theirs, theirs))
+        return reply, "d", x, decoded, own_sq, a_sq, theirs
 
     def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:
         """Initiator bookkeeping: keep or drop the error-feedback residuals; remember the 8-bit error."""

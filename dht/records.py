@@ -85,6 +85,10 @@ class AveragingSpec(_Strict):
     # 8bit: zstd-compress 8-bit messages losslessly (~0.89 bytes per element instead of ~1.0; ~3-6 ms of CPU per
     # million elements per side): for peers on home uplinks, where bytes cost more than CPU
     entropy_coding: bool = False
+    # 8bit: keep a reference vector shared with each of this many recent partners (one float32 copy of the
+    # parameters each) so that later exchanges with them send 8-bit *differences* from it (CHOCO-gossip style):
+    # ~1 byte per element at about float16 precision; 0: off
+    reference_partners: int = Field(4, ge=0, le=64)
     chunk_elems: int = Field(1 << 20, ge=4096, le=1 << 24)  # elements per streamed message
     # how an exchange lands: "delta" adds the pair-averaging move to the live parameters (keeps local progress made
     # during the exchange: delay compensation); "overwrite" sets them to the pair average computed from the

@@ -442,7 +442,7 @@ def test_8bit_only_moves_about_one_byte_per_element_and_adaptive_precision_more(
     for adaptive, entropy in ((False, False), (True, False), (False, True)):
         a, b = [a0.clone()], [b0.clone()]
         spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", adaptive_precision=adaptive,
-                             error_feedback=adaptive, entropy_coding=entropy)
+                             error_feedback=adaptive, entropy_coding=entropy, reference_partners=0)
         group = f"bytes{int(adaptive)}{int(entropy)}"
         avg_a, avg_b = _averager(nodes[0], a, spec, group), _averager(nodes[1], b, spec, group)
         try:
@@ -468,6 +468,75 @@ def test_8bit_only_moves_about_one_byte_per_element_and_adaptive_precision_more(
     assert all(1.0 <= x <= 1.02 for x in moved[False, False]), moved
     assert max(moved[True, False][1:]) > 1.4, moved  # float16 values once the pair agrees to within 8-bit errors
     assert all(0.85 <= x <= 0.92 for x in moved[False, True]), moved  # zstd on the 8-bit codes: lossless, ~11% less
+
+
+def test_shared_references_carry_8bit_differences_and_survive_a_lost_reference(nodes):
+    """After a first exchange both sides keep the same reference vector; later exchanges of the pair (in either
+    role) send 8-bit differences from it: ~1 byte per element, yet the pair ends far closer than 8-bit values
+    leave it. If one side lost its reference, the tokens differ: that exchange runs plain, nothing fails."""
+    numel = 1 << 20
+    gen = torch.Generator().manual_seed(6)
+    a0, b0 = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    a, b = [a0.clone()], [b0.clone()]
+    spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", reference_partners=2)
+    avg_a, avg_b = _averager(nodes[0], a, spec, "refs"), _averager(nodes[1], b, spec, "refs")
+    try:
+        avg_a.start()
+        avg_b.start()
+        pa, pb = nodes[0].peer_id, nodes[1].peer_id
+
+        def exchange(initiator, partner):
+            before = initiator.stats()
+            assert initiator.average_once(partner) == "ok"
+            after = initiator.stats()
+            moved = after.bytes_sent + after.bytes_received - before.bytes_sent - before.bytes_received
+            return moved / (2 * numel), after.relative - before.relative
+
+        per_elem, relative = exchange(avg_a, pb)
+        assert relative == 0 and 1.0 <= per_elem <= 1.02  # first meeting: 8-bit values
+        ref_a, ref_b = avg_a.replica.references, avg_b.replica.references
+        token = ref_a.token(pb)
+        assert token is not None and token == ref_b.token(pa)
+        assert torch.equal(ref_a.get(pb, token), ref_b.get(pa, token))  # bit-identical on both sides
+        plain_gap = _rel(a[0], b[0])
+        assert plain_gap > 0.003  # 8-bit values leave the pair about 1% apart
+        a[0].add_(0.01 * torch.randn(numel, generator=gen))  # "training" moves both a little
+        b[0].add_(0.01 * torch.randn(numel, generator=gen))
+        avg_a.on_local_step(1, 16)
+        avg_b.on_local_step(1, 16)
+        mass = a[0] + b[0]
+        per_elem, relative = exchange(avg_b, pa)  # the other role, same reference
+        assert relative == 1 and 1.0 <= per_elem <= 1.02
+        assert torch.allclose(a[0] + b[0], mass, atol=1e-4)  # push-sum: the pair's sum is kept exactly
+        assert _rel(a[0], b[0]) < plain_gap / 5, (_rel(a[0], b[0]), plain_gap)  # differences: far more precise
+        assert ref_a.token(pb) == ref_b.token(pa) != token
+        ref_b.drop(pa)  # one side lost it (e.g. a lost "done"): tokens differ, the exchange runs plain
+        a[0].add_(0.01 * torch.randn(numel, generator=gen))
+        avg_a.on_local_step(2, 32)
+        per_elem, relative = exchange(avg_a, pb)
+        assert relative == 0 and avg_a.stats().failures == avg_b.stats().failures == 0
+        assert ref_a.token(pb) == ref_b.token(pa) is not None  # and a new shared reference is made
+        assert avg_a.stats().relative + avg_b.stats().relative == 2  # both sides counted the relative exchange
+    finally:
+        avg_a.shutdown()
+        avg_b.shutdown()
+
+
+def test_pair_references_are_bounded_and_token_checked():
+    from swarmtrain.averaging.references import PairReferences
+
+    refs = PairReferences(4, max_partners=2)
+    ones = torch.ones(4)
+    for i, peer in enumerate(("p1", "p2", "p3")):
+        refs.store(peer, 10 + i, ones, torch.full((4,), 2.0))
+    assert len(refs) == 2 and refs.token("p1") is None  # the least recently used went first
+    assert torch.equal(refs.get("p2", 11), torch.full((4,), 2.0))  # values + move / 2
+    assert refs.get("p3", 99) is None and refs.token("p3") is None  # a wrong token drops it
+    with pytest.raises(ValueError):
+        refs.store("p4", 1, torch.ones(3), torch.ones(3))
+    off = PairReferences(4, max_partners=0)
+    off.store("p1", 1, ones, ones)
+    assert len(off) == 0
 
 
 def test_exchange_rules_by_hand():
