@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.keys import RecordKind
 from swarmtrain.dht.records import ExpertLoad, ExpertsRecord
+from swarmtrain.dht.uids import parse_uid
 
 if TYPE_CHECKING:
     from swarmtrain.expert_pool.server import ExpertServer
@@ -27,14 +28,30 @@ _View = dict[str, list[tuple[str, ExpertLoad, float]]]  # uid -> [(host peer id,
 
 
 def choose_experts_to_host(all_uids: list[str], served: dict[str, int], max_experts: int, peer_id: str) -> list[str]:
-    """The experts this peer should host: least-served first.
+    """The experts this peer should host: least-served first, spread over the (modality, layer) groups.
 
-    Ties are broken by a hash of ``(peer_id, uid)``, so peers that start together (and all see the same counts)
-    pick different experts instead of all piling onto the first ones.
+    Among equally served experts, each group's first pick comes before any group's second, so a peer with room
+    for fewer experts than exist still covers every MoE layer of every modality (a lone peer hosting 8 of 16
+    experts could otherwise miss a whole layer and never train). Ties are broken by a hash of ``(peer_id, uid)``,
+    so peers that start together (and all see the same counts) pick different experts instead of all piling
+    onto the first ones.
     """
     if max_experts < 0:
         raise ValueError(f"max_experts must be >= 0, got {max_experts}")
-    ranked = sorted(dict.fromkeys(all_uids), key=lambda uid: (served.get(uid, 0), _tie_break(peer_id, uid)))
+    key = {uid: (served.get(uid, 0), _tie_break(peer_id, uid)) for uid in dict.fromkeys(all_uids)}
+    groups: dict[tuple, list[str]] = {}
+    for uid in key:
+        try:
+            parsed = parse_uid(uid)
+            group: tuple = (parsed.modality, parsed.layer)
+        except ValueError:
+            group = (uid,)
+        groups.setdefault(group, []).append(uid)
+    rank_in_group = {}
+    for members in groups.values():
+        for rank, uid in enumerate(sorted(members, key=key.__getitem__)):
+            rank_in_group[uid] = rank
+    ranked = sorted(key, key=lambda uid: (key[uid][0], rank_in_group[uid], key[uid][1]))
     return ranked[:max_experts]
 
 

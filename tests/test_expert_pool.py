@@ -106,6 +106,11 @@ def test_choose_experts_to_host_spreads_peers():
     assert choose_experts_to_host(uids, {u: 3 for u in uids[1:]}, 1, "x") == [uids[0]]
     with pytest.raises(ValueError):
         choose_experts_to_host(uids, {}, -1, "x")
+    # a lone peer with room for half the experts still covers every (modality, layer): else it could never train
+    grid = [f"{m}.{layer}.{i}" for m in ("text", "image") for layer in range(2) for i in range(4)]
+    for p in (f"peer{i}" for i in range(50)):
+        groups = {uid.rsplit(".", 1)[0] for uid in choose_experts_to_host(grid, {}, 8, p)}
+        assert groups == {"text.0", "text.1", "image.0", "image.1"}, p
 
 
 @pytest.mark.timeout(30)
