@@ -49,7 +49,11 @@ class GossipAverager(ServicerBase):
        a few 8-bit quantization errors (estimated from 4096 sampled values the partner sends with "accept"),
        then float16, since 8-bit *values* would keep the pair about 1% apart (``spec.adaptive_precision``; off:
        always 8-bit, about 1.01 bytes per element); tensors under 4096 elements always travel as float16.
-       ``e_s`` is only kept with ``spec.error_feedback``.
+       ``e_s`` is only kept with ``spec.error_feedback``. When ``s`` and ``p`` met before, both hold the same
+       reference vector ``R`` from that exchange (:mod:`~swarmtrain.averaging.references`,
+       ``spec.reference_partners``), and ``A = R + Q8(x_s - R)`` travels as 8-bit *differences* from it: one
+       byte per element with an error that shrinks as the pair converges (CHOCO-gossip, Koloskova et al. 2019).
+       ``spec.entropy_coding`` zstd-compresses every 8-bit message losslessly (~11% fewer bytes).
     2. ``s`` picks the mixing factor ``f = s(tau) * clip`` (``tau``: local steps since its first chunk,
        ``s(tau) = 1/sqrt(1 + tau)``; dropped above ``spec.max_staleness``; ``clip``: optional CenteredClip) and
        sends ``commit f``; ``p`` applies ``x_p -= alpha_p * D`` and answers ``done``; then ``s`` applies

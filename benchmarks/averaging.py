@@ -13,8 +13,9 @@ processes per system, each holding a different random float32 vector (``randn``,
   ``--error-feedback`` / ``--adaptive-precision`` are given with both manifest options off: every value and every
   answer travels as 8 bits, ~1.01 bytes per element; for averaging *static* tensors the error-feedback residuals
   only add noise, since push-sum already keeps the swarm's mass exact, and float16 values cost 2 bytes) per
-  process (``--entropy-coding``: plus the manifest option ``averaging.entropy_coding``, lossless zstd on the 8-bit
-  messages, ~0.89 bytes per element). A round: a fresh
+  process; the manifest's ``entropy_coding`` (lossless zstd on the 8-bit messages, ~0.89 bytes per element) and
+  ``reference_partners`` (8-bit differences from references shared with earlier partners) as by default unless
+  ``--no-entropy-coding`` / ``--reference-partners`` say otherwise. A round: a fresh
   averaging group, every vector reset, then each peer runs exchanges back to back (``average_once``) until told
   to stop; time = until every peer is within rel. L2 ``--target`` (1.5%) of the exact mean (each peer reports its
   error after every exchange it takes part in).
@@ -75,7 +76,8 @@ class Setup:
     log_level: str = "WARNING"
     error_feedback: bool = False
     adaptive_precision: bool = False
-    entropy_coding: bool = False
+    entropy_coding: Optional[bool] = None  # None: the manifest default
+    reference_partners: Optional[int] = None
 
 
 @dataclass
@@ -127,8 +129,11 @@ def parse_args() -> argparse.Namespace:
                         help="ours: carry 8-bit residuals into the next exchange (manifest default; off here, see doc)")
     parser.add_argument("--adaptive-precision", action="store_true",
                         help="ours: float16 values once partners are close (manifest default; off here, see doc)")
-    parser.add_argument("--entropy-coding", action="store_true",
-                        help="ours: zstd on the 8-bit messages (manifest option averaging.entropy_coding)")
+    parser.add_argument("--entropy-coding", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours: zstd on the 8-bit messages (manifest option averaging.entropy_coding; default: "
+                             "the manifest's, on)")
+    parser.add_argument("--reference-partners", type=int, default=None,
+                        help="ours: manifest option averaging.reference_partners (default: the manifest's, 4)")
     parser.add_argument("--verbose", action="store_true", help="log every failed exchange of our peers")
     parser.add_argument("--no-netns", action="store_true", help="measure on the shared loopback interface")
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
@@ -292,7 +297,7 @@ def start_peers(ctx, system: str, n: int, numel: int, chunk_elems: int, log_leve
         proc = ctx.Process(target=peer_main, args=(child, reports_out))  # not daemonic: it starts p2pd and DHTs
         proc.start()
         parent.send(Setup(system, rank, n, numel, maddrs, chunk_elems, log_level, args.error_feedback,
-                          args.adaptive_precision, args.entropy_coding))
+                          args.adaptive_precision, args.entropy_coding, args.reference_partners))
         ready = expect(recv(parent, proc), Ready)
         if rank == 0:
             maddrs = ready.maddrs
@@ -362,10 +367,12 @@ class OursPeer:
         from swarmtrain.dht.records import AveragingSpec
 
         if isinstance(message, Round):
+            options = {"entropy_coding": self.setup.entropy_coding,
+                       "reference_partners": self.setup.reference_partners}
             spec = AveragingSpec(period_s=3600, timeout_s=30, codec="8bit", chunk_elems=self.setup.chunk_elems,
                                  error_feedback=self.setup.error_feedback,
                                  adaptive_precision=self.setup.adaptive_precision,
-                                 entropy_coding=self.setup.entropy_coding)
+                                 **{name: value for name, value in options.items() if value is not None})
             self.params[0].copy_(self.original)
             self.lock = threading.Lock()
             self.averager = GossipAverager(self.node, self.directory, self.params, self.lock, spec,

@@ -84,6 +84,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adaptive-precision", action=argparse.BooleanOptionalAction, default=True,
                         help="8-bit variants: the manifest option adaptive_precision (values as float16 when the "
                              "partner is close; off: always 8-bit, ~1 byte per element each way)")
+    parser.add_argument("--reference-partners", type=int, default=None,
+                        help="8-bit variants: the manifest option reference_partners (default: the manifest's)")
+    parser.add_argument("--entropy-coding", action=argparse.BooleanOptionalAction, default=None,
+                        help="8-bit variants: the manifest option entropy_coding (default: the manifest's)")
     parser.add_argument("--lr", type=float, default=0.0, help="Adam learning rate (0: the manifest's, 3e-3)")
     parser.add_argument("--val-batches", type=int, default=0, help="validation batches of 16 (0: the whole split)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -107,12 +111,16 @@ def make_manifest(args):
 def averaging_spec(args, variant: str):
     from swarmtrain.dht.records import AveragingSpec
 
+    options = {"adaptive_precision": args.adaptive_precision}
+    if args.reference_partners is not None:
+        options["reference_partners"] = args.reference_partners
+    if args.entropy_coding is not None:
+        options["entropy_coding"] = args.entropy_coding
     if variant == "ours":
-        return AveragingSpec(period_s=args.period, timeout_s=10, codec="8bit", staleness_scaling=True,
-                             adaptive_precision=args.adaptive_precision)
+        return AveragingSpec(period_s=args.period, timeout_s=10, codec="8bit", staleness_scaling=True, **options)
     if variant == "no_dc":
         return AveragingSpec(period_s=args.period, timeout_s=10, codec="8bit", rule="overwrite",
-                             staleness_scaling=False, adaptive_precision=args.adaptive_precision)
+                             staleness_scaling=False, **options)
     if variant == "gossip_fp32":
         return AveragingSpec(period_s=args.period, timeout_s=10, codec="none", staleness_scaling=True)
     return None

@@ -73,7 +73,7 @@ class AveragingSpec(_Strict):
     period_s: Finite = Field(4.0, gt=0, le=3600)
     timeout_s: Finite = Field(20.0, gt=0, le=3600)
     # wire encoding of exchanges: float32, float16, or 8-bit blockwise (tensors < 4096 elements as float16)
-    codec: Literal["none", "fp16", "8bit"] = "none"
+    codec: Literal["none", "fp16", "8bit"] = "8bit"
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 4096
     # 8bit: carry what encoding dropped into the next message (e_{t+1} = x_t + e_t - Q(x_t + e_t)). Push-sum keeps
     # the swarm's mass exact without it (both sides apply the same decoded move); it evens out 8-bit rounding of
@@ -84,7 +84,7 @@ class AveragingSpec(_Strict):
     adaptive_precision: bool = True
     # 8bit: zstd-compress 8-bit messages losslessly (~0.89 bytes per element instead of ~1.0; ~3-6 ms of CPU per
     # million elements per side): for peers on home uplinks, where bytes cost more than CPU
-    entropy_coding: bool = False
+    entropy_coding: bool = True
     # 8bit: keep a reference vector shared with each of this many recent partners (one float32 copy of the
     # parameters each) so that later exchanges with them send 8-bit *differences* from it (CHOCO-gossip style):
     # ~1 byte per element at about float16 precision; 0: off

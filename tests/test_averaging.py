@@ -105,7 +105,7 @@ def test_delta_rule_keeps_local_progress_while_training(nodes, rule):
     a0 = torch.arange(numel, dtype=torch.float32) % 1024
     b0 = 4096.0 - (torch.arange(numel, dtype=torch.float32) % 512)
     a, b = [a0.clone()], [b0.clone()]
-    spec = AveragingSpec(period_s=QUIET, timeout_s=10, staleness_scaling=False, chunk_elems=1 << 16,
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=10, staleness_scaling=False, chunk_elems=1 << 16,
                          max_rel_distance=100, rule=rule)
     lock_a = threading.Lock()
     avg_a = _averager(nodes[0], a, spec, rule, lock=lock_a)
@@ -251,7 +251,7 @@ def _partner_process(initial_peers: list[str], numel: int, spec_json: str, conn)
 @pytest.mark.timeout(90)
 def test_partner_killed_midway_counts_a_failure_and_nothing_hangs(nodes):
     numel = 4_000_000
-    spec = AveragingSpec(period_s=0.05, timeout_s=3, chunk_elems=1 << 16)
+    spec = AveragingSpec(codec="none", period_s=0.05, timeout_s=3, chunk_elems=1 << 16)
     ctx = mp.get_context("spawn")
     parent_end, child_end = ctx.Pipe()
     child = ctx.Process(target=_partner_process, args=(nodes[0].visible_maddrs(), numel, spec.model_dump_json(),
@@ -478,7 +478,7 @@ def test_shared_references_carry_8bit_differences_and_survive_a_lost_reference(n
     gen = torch.Generator().manual_seed(6)
     a0, b0 = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
     a, b = [a0.clone()], [b0.clone()]
-    spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", reference_partners=2)
+    spec = AveragingSpec(period_s=QUIET, timeout_s=20, codec="8bit", reference_partners=2, entropy_coding=False)
     avg_a, avg_b = _averager(nodes[0], a, spec, "refs"), _averager(nodes[1], b, spec, "refs")
     try:
         avg_a.start()
@@ -580,7 +580,7 @@ def test_staleness_scales_the_delta_by_one_over_sqrt_one_plus_tau(nodes):
     numel = 400_000
     a0, b0 = torch.randn(numel), torch.randn(numel)
     a, b = [a0.clone()], [b0.clone()]
-    spec = AveragingSpec(period_s=QUIET, timeout_s=10, chunk_elems=1 << 14)
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=10, chunk_elems=1 << 14)
     avg_a, avg_b = _averager(nodes[0], a, spec, "stale"), _averager(nodes[1], b, spec, "stale")
     stop, steps = threading.Event(), [0]
 
@@ -608,7 +608,7 @@ def test_staleness_scales_the_delta_by_one_over_sqrt_one_plus_tau(nodes):
     assert avg_a.weight == avg_b.weight == 1.0
 
     # above max_staleness the exchange is dropped on both sides and nothing moves
-    spec = AveragingSpec(period_s=QUIET, timeout_s=10, chunk_elems=1 << 14, max_staleness=0)
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=10, chunk_elems=1 << 14, max_staleness=0)
     a1, b1 = a[0].clone(), b[0].clone()
     avg_a, avg_b = _averager(nodes[0], a, spec, "stale2"), _averager(nodes[1], b, spec, "stale2")
     stop.clear()
@@ -631,7 +631,7 @@ def test_staleness_scales_the_delta_by_one_over_sqrt_one_plus_tau(nodes):
 def test_push_sum_converges_to_the_weighted_mean_also_after_a_peer_dies(nodes):
     """Weights 1, 2, 3; peer 3 has its own node and dies mid-exchange; the survivors converge to
     sum(w x) / sum(w) of what they hold after its death (the invariant every exchange keeps)."""
-    spec = AveragingSpec(period_s=QUIET, timeout_s=3, chunk_elems=1 << 14)
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=3, chunk_elems=1 << 14)
     values = [torch.randn(600_000) + 3 * i for i in range(3)]
     params = [[v.clone()] for v in values]
     extra = SwarmNode(RUN, Identity.load_or_create(None), initial_peers=nodes[0].visible_maddrs(), host_maddrs=LOCAL)
@@ -675,7 +675,7 @@ def test_push_sum_converges_to_the_weighted_mean_also_after_a_peer_dies(nodes):
 
 @pytest.mark.timeout(60)
 def test_diloco_mode_applies_an_outer_nesterov_step_to_the_pair_average(nodes):
-    spec = AveragingSpec(period_s=QUIET, timeout_s=10, mode="diloco", outer_lr=0.7, outer_momentum=0.9)
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=10, mode="diloco", outer_lr=0.7, outer_momentum=0.9)
     a0, b0 = torch.randn(20_000), torch.randn(20_000)
     a, b = [a0.clone()], [b0.clone()]
     avg_a, avg_b = _averager(nodes[0], a, spec, "diloco"), _averager(nodes[1], b, spec, "diloco")
@@ -694,7 +694,7 @@ def test_diloco_mode_applies_an_outer_nesterov_step_to_the_pair_average(nodes):
 
 @pytest.mark.timeout(60)
 def test_outliers_are_rejected_and_clipping_bounds_the_move(nodes):
-    spec = AveragingSpec(period_s=QUIET, timeout_s=5, max_rel_distance=4.0)
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=5, max_rel_distance=4.0)
     near, far = [torch.randn(10_000)], [50 * torch.randn(10_000)]
     near0, far0 = near[0].clone(), far[0].clone()
     avg_near, avg_far = _averager(nodes[0], near, spec, "outlier"), _averager(nodes[1], far, spec, "outlier")
@@ -708,7 +708,7 @@ def test_outliers_are_rejected_and_clipping_bounds_the_move(nodes):
         avg_far.shutdown()
     assert torch.equal(near[0], near0) and torch.equal(far[0], far0)
 
-    clip = AveragingSpec(period_s=QUIET, timeout_s=5, clip_rel=0.1)
+    clip = AveragingSpec(codec="none", period_s=QUIET, timeout_s=5, clip_rel=0.1)
     a0, b0 = torch.randn(10_000), torch.randn(10_000)
     a, b = [a0.clone()], [b0.clone()]
     avg_a, avg_b = _averager(nodes[0], a, clip, "clip"), _averager(nodes[1], b, clip, "clip")
