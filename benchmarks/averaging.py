@@ -499,6 +499,13 @@ def codec_benchmark(numel: int, repeats: int) -> dict:
         message, _ = encode(x, "8bit", 4096, with_decoded=True, check_finite=False, scratch=scratch)
         return decode(message, numel, 4096, out=out)[0]
 
+    entropy_bytes = []
+
+    def ours_entropy():  # plus the lossless zstd stage (averaging.entropy_coding)
+        message, _ = encode(x, "8bit", 4096, with_decoded=False, check_finite=False, scratch=scratch, entropy=True)
+        entropy_bytes.append(len(message.buffer))
+        return decode(message, numel, 4096, out=out)[0]
+
     def raw():
         codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(x, raw_code, 4096)
         return torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, raw_code, 4096, torch.float32)
@@ -512,7 +519,7 @@ def codec_benchmark(numel: int, repeats: int) -> dict:
 
     raw_code = bnb_functional.create_dynamic_map()
     methods = {"ours": ours, "ours_checked": ours_checked, "ours_with_sender_copy": ours_with_sender_copy,
-               "raw_bnb": raw, "hivemind": hm}
+               "ours_entropy": ours_entropy, "raw_bnb": raw, "hivemind": hm}
     times: dict[str, list] = {name: [] for name in methods}
     errors = {name: float((fn() - x).norm() / x.norm()) for name, fn in methods.items()}  # also warms up
     for _ in range(repeats):  # round-robin, so load drift hits all alike
@@ -526,6 +533,7 @@ def codec_benchmark(numel: int, repeats: int) -> dict:
         **{f"{name}_MBps": value for name, value in mbps.items()},
         **{f"{name}_rel_err": value for name, value in errors.items()},
         "ours_vs_raw_bnb": mbps["ours"] / mbps["raw_bnb"], "ours_vs_hivemind": mbps["ours"] / mbps["hivemind"],
+        "ours_entropy_bytes_per_elem": entropy_bytes[-1] / numel,
     }
 
 

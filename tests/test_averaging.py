@@ -191,13 +191,20 @@ def test_bad_partners_are_rejected_and_leave_us_untouched(nodes, codec):
         assert theirs.average_once(nodes[0].peer_id) == "rejected"
         assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 2
         assert ours.stats().rounds == 0 and ours.stats().bytes_received < 4096
+        if codec == "8bit":  # a chunk claiming to be a difference from a reference we do not share: refused
+            ours, _, mine, before = pair("bad-d-8bit", "good")
+            reply = nodes[1].loop.run(_send_raw_exchange(nodes[1], nodes[0].peer_id, ours, spec, relative=True))
+            assert reply == ["accept", "refuse"]
+            assert all(torch.equal(t, o) for t, o in zip(mine, before)) and ours.stats().rejected == 1
     finally:
         for avg in made:
             avg.shutdown()
 
 
-async def _send_raw_exchange(node, peer: str, target: GossipAverager, spec: AveragingSpec) -> list[str]:
-    """Speak rpc_exchange by hand: a valid hello, then a first chunk whose values hold NaN."""
+async def _send_raw_exchange(node, peer: str, target: GossipAverager, spec: AveragingSpec,
+                             relative: bool = False) -> list[str]:
+    """Speak rpc_exchange by hand: a valid hello, then a first chunk whose values hold NaN (or, ``relative``, a
+    valid 8-bit chunk that claims to be a difference from a shared reference, with no reference shared)."""
     from hivemind.p2p import PeerID
 
     from swarmtrain.averaging import protocol
@@ -205,13 +212,16 @@ async def _send_raw_exchange(node, peer: str, target: GossipAverager, spec: Aver
 
     segment = target.replica.segments[0]
     values = torch.randn(segment.hi - segment.lo)
-    values[3] = float("nan")
-    message, _ = encode(values, "none")  # float32 carries the NaN as it is
+    if relative:
+        message, _ = encode(values, "8bit", spec.blocksize)
+    else:
+        values[3] = float("nan")
+        message, _ = encode(values, "none")  # float32 carries the NaN as it is
 
     async def requests():
         yield protocol.hello(target.group, target.replica.numel, target.replica.layout, spec.codec, spec.blocksize,
-                             spec.chunk_elems, 1.0)
-        yield protocol.request("chunk", message, o=segment.lo)
+                             spec.chunk_elems, 1.0, ref=12345 if relative else None)
+        yield protocol.request("chunk", message, o=segment.lo, **({"r": True} if relative else {}))
 
     stub = GossipAverager.get_stub(node.p2p, PeerID.from_base58(peer), namespace=target.namespace)
     replies = await stub.rpc_exchange(requests())
