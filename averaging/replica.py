@@ -18,7 +18,7 @@ from hivemind.proto import runtime_pb2
 from swarmtrain.averaging import rules
 from swarmtrain.averaging.blockwise import Scratch
 from swarmtrain.averaging.codec import (
-    SMALL_TENSOR, ErrorFeedback, LocalDataError, Segment, decode, encode, plan_segments,
+    SMALL_TENSOR, ErrorFeedback, LocalDataError, Segment, WireError, decode, encode, plan_segments,
 )
 from swarmtrain.averaging.flat import FlatParams
 from swarmtrain.averaging.references import PairReferences

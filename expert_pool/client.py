@@ -413,7 +413,8 @@ async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict
 def _unpack_response(verb: str, peer_id: str, call: Call) -> tuple[dict, list[torch.Tensor]]:
     if "error" in call.meta:
         resend = call.meta.get("resend") is True
-        raise ExpertCallError(f"{verb} refused by {peer_id[-6:]}: {call.meta['error']}", refused=not resend, resend=resend)
+        message = f"{verb} refused by {peer_id[-6:]}: {call.meta['error']}"
+        raise ExpertCallError(message, refused=not resend, resend=resend)
     try:
         return call.meta, [decode_tensor(proto) for proto in call.tensors]
     except Exception as e:

@@ -547,6 +547,24 @@ def test_pair_references_are_bounded_and_token_checked():
     off = PairReferences(4, max_partners=0)
     off.store("p1", 1, ones, ones)
     assert len(off) == 0
+    # a partner decoding a chunk relative to a reference: only 8-bit differences, only finite sums
+    from swarmtrain.averaging.codec import WireError, encode
+    from swarmtrain.averaging.replica import LocalReplica
+
+    replica = LocalReplica([torch.randn(8192)], threading.Lock(), AveragingSpec(codec="8bit"), "refcheck")
+    try:
+        segment = replica.segments[0]
+        reference = torch.randn(8192)
+        good, _ = encode(torch.randn(8192) * 0.01, "8bit")
+        reply, mode, _, _, _, _, theirs = replica.answer_chunk(good, segment, 4096, reference)
+        assert mode in ("d", "v") and torch.allclose(theirs, reference, atol=0.1)
+        with pytest.raises(WireError, match="must be 8-bit"):
+            replica.answer_chunk(encode(torch.randn(8192), "fp16")[0], segment, 4096, reference)
+        with pytest.raises(WireError, match="beyond float32 range"):
+            huge = encode(torch.full((8192,), 3e38), "8bit", check_finite=False)[0]
+            replica.answer_chunk(huge, segment, 4096, torch.full((8192,), 3e38))
+    finally:
+        replica.shutdown()
 
 
 def test_exchange_rules_by_hand():
