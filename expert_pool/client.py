@@ -402,7 +402,7 @@ async def _call(p2p: P2P, peer_id: str, verb: str, messages: list) -> tuple[dict
     method = {"forward": stub.rpc_forward, "backward": stub.rpc_backward, "state": stub.rpc_state}[verb]
     stream = await method(_aiter(messages))
     try:
-        call = await read_call(stream)
+        call = await read_call(stream, whole=False)
     except Exception as e:
         raise ExpertCallError(f"{verb} call to {peer_id[-6:]} failed: {type(e).__name__}: {e}") from e
     finally:

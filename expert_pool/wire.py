@@ -61,14 +61,21 @@ def error_response(message: str, **meta) -> list[runtime_pb2.ExpertResponse]:
     return _pack(runtime_pb2.ExpertResponse, {**meta, "error": message[:4000]}, (), DEFAULT_CHUNK_BYTES)
 
 
-async def read_call(stream: AsyncIterator[Message], max_bytes: Optional[int] = None) -> Call:
-    """Receive the single call of a stream; raise WireError if it is malformed or the stream holds more."""
+async def read_call(stream: AsyncIterator[Message], max_bytes: Optional[int] = None, whole: bool = True) -> Call:
+    """Receive the single call of a stream; raise WireError if it is malformed or (``whole``: read to the end of
+    the stream) the stream holds more. A caller reading an answer passes ``whole=False``: the server keeps its
+    side open until the caller closes, so waiting for the end would wait for the server's timeout."""
     calls = iter_calls(stream, max_bytes)
     call = None
-    async for received in calls:
-        if call is not None:
-            raise WireError("expected one call per stream, received more")
-        call = received
+    try:
+        async for received in calls:
+            if call is not None:
+                raise WireError("expected one call per stream, received more")
+            call = received
+            if not whole:
+                break
+    finally:
+        await calls.aclose()
     if call is None:
         raise WireError("empty call: no message received")
     if call.error is not None:
