@@ -268,6 +268,7 @@ async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIter
         check_layout(replica, meta)
     except ProtocolError as e:
         yield meter.out(protocol.response("refuse", reason=str(e)[:200]))
+        await asyncio.sleep(replica.spec.timeout_s)  # see below
         return
     snapshot = await replica.call(replica.snapshot)
     yield meter.out(protocol.response("accept", numel=replica.numel))
@@ -276,6 +277,10 @@ async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIter
         message, _ = encode(snapshot[lo : lo + step], "none")
         yield meter.out(protocol.response("chunk", message, o=lo))
     yield meter.out(protocol.response("done"))
+    # keep our side open until the joining peer closes the stream (hivemind then cancels this handler): returning
+    # now would close it while the last messages may still be in flight, and the daemons can drop them (seen with
+    # the expert pool's single-call answers, 1 in 120 under load)
+    await asyncio.sleep(replica.spec.timeout_s)
 
 
 async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str) -> torch.Tensor:
