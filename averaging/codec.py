@@ -153,7 +153,7 @@ def encode(
         buffer = wire.numpy().tobytes()
         decoded = blockwise.dequantize_into(codes, absmax, torch.empty(n), blocksize) if with_decoded else None
         if entropy:
-            packed = _compressor().compress(buffer)
+            packed = _zstd_contexts()[0].compress(buffer)
             if len(packed) < len(buffer):
                 buffer, dtype = packed, ENTROPY_CODED
     message = runtime_pb2.Tensor(buffer=buffer, size=[n], dtype=dtype, compression=compression)
@@ -200,22 +200,21 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum(dtype=torch.float32)))
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    if not hasattr(_zstd, "compressor"):
-        _zstd.compressor = zstandard.ZstdCompressor(level=ENTROPY_LEVEL)
-        _zstd.decompressor = zstandard.ZstdDecompressor()
-    return _zstd.compressor
+def _zstd_contexts() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    """This thread's zstd compressor and decompressor (created on first use)."""
+    if not hasattr(_zstd, "contexts"):
+        _zstd.contexts = (zstandard.ZstdCompressor(level=ENTROPY_LEVEL), zstandard.ZstdDecompressor())
+    return _zstd.contexts
 
 
 def _decompress(buffer: bytes, expected: int) -> bytes:
     """The zstd frame ``buffer`` decompressed, which must be exactly ``expected`` bytes (else WireError: a frame
     that claims or holds more is never expanded beyond ``expected``)."""
-    _compressor()
     try:
         size = zstandard.frame_content_size(buffer)
         if size not in (expected, zstandard.CONTENTSIZE_UNKNOWN):
             raise WireError(f"entropy-coded chunk expands to {size} bytes, expected {expected}")
-        raw = _zstd.decompressor.decompress(buffer, max_output_size=expected)
+        raw = _zstd_contexts()[1].decompress(buffer, max_output_size=expected)
     except zstandard.ZstdError as e:
         raise WireError(f"undecodable entropy-coded chunk: {e}") from e
     if len(raw) != expected:

@@ -95,8 +95,10 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         if partner is not None and isinstance(state, list) and len(state) == 2:
             partner["state"] = (int(state[0]), int(state[1]))
         reference = None
-        if ref_token is not None:  # the partner holds the same reference (same token), or we drop ours
-            reference = replica.references.get(peer, ref_token if meta.get("ref") is True else -1)
+        if ref_token is not None and meta.get("ref") is not True:  # the partner holds no reference with this token
+            replica.references.drop(peer)
+        elif ref_token is not None:
+            reference = replica.references.get(peer, ref_token)
             if reference is not None and not await replica.call(replica.worth_relative, reference):
                 reference = None
         sample = meta.get("sample")
@@ -141,8 +143,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         replica.after_exchange(True, own_norm, q8_err)
         await asyncio.shield(replica.call(replica.apply_mixing, received, weight_p, factor, 1.0, snapshot))
         if new_token is not None:  # the partner stored the same before its "done"
-            values = torch.cat([sent[segment.lo] for segment in replica.segments])
-            await asyncio.shield(replica.call(replica.references.store, peer, new_token, values, received))
+            await asyncio.shield(replica.call(replica.remember_pair, peer, new_token, sent, received))
         return "ok"
     except (asyncio.TimeoutError, ConnectionError, OSError) as e:
         raise type(e)(f"{e or type(e).__name__} ({stage})") from None

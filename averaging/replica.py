@@ -188,6 +188,12 @@ class LocalReplica:
                                 entropy=self.spec.entropy_coding)
         return reply, "d", x, decoded, own_sq, a_sq, theirs
 
+    def remember_pair(self, peer: str, token: int, sent: dict[int, torch.Tensor], move: torch.Tensor) -> None:
+        """Initiator: keep the reference shared with ``peer`` from what the partner decoded of our values (``sent``,
+        per segment) and the move both applied (the partner stores the same from its side)."""
+        values = torch.cat([sent[segment.lo] for segment in self.segments])
+        self.references.store(peer, token, values, move)
+
     def after_exchange(self, ok: bool, own_norm: float = 0.0, q8_err: Optional[float] = None) -> None:
         """Initiator bookkeeping: keep or drop the error-feedback residuals; remember the 8-bit error."""
         if not ok:
