@@ -70,11 +70,13 @@ class Trainer:
         self.averager, self.batch_size, self.device = averager, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = TrainerStats()
-        self._window_start = time.monotonic()
+        self._window_start: Optional[float] = None  # set when the first step starts
         self._window_samples = 0
 
     def step(self) -> dict[str, float]:
         """One training step; returns the task losses of this step."""
+        if self._window_start is None:
+            self._window_start = time.monotonic()
         batch = batch_to(self.data.sample(self.batch_size, self.generator), self.device)
         self.optimizer.zero_grad(set_to_none=True)
         try:
@@ -128,6 +130,8 @@ class Trainer:
             s.losses[name] = value if name not in s.losses else decay * s.losses[name] + (1 - decay) * value
         self._window_samples += samples
         elapsed = time.monotonic() - self._window_start
-        if elapsed >= 2.0:
+        if elapsed >= 2.0 or (s.samples_per_s == 0.0 and elapsed > 0):
+            # until the first 2 s window completes, report the rate so far (a peer that has stepped is never at 0)
             s.samples_per_s = self._window_samples / elapsed
+        if elapsed >= 2.0:
             self._window_start, self._window_samples = time.monotonic(), 0

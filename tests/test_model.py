@@ -283,3 +283,23 @@ def test_capacity_factor_caps_rows_per_expert_first_choices_first():
     assert int(per_expert.max()) <= 4
     unlimited = MoE(hidden=8, modality="text", layer=0, num_experts=4, top_k=2, k_min=1, capacity_factor=None)
     assert unlimited._within_capacity(idx, live_experts=4).all()
+
+
+@pytest.mark.timeout(60)
+def test_trainer_reports_a_positive_rate_from_its_first_step():
+    """A peer that has stepped never reports 0 samples/s, even before its first 2 s rate window closes."""
+    import threading
+    import time
+
+    from swarmtrain.peer.trainer import Trainer
+
+    manifest = make_manifest()
+    model = SwarmModel(manifest, LocalDispatcher(local_experts(manifest)))
+    data = DataSource.builtin(manifest, ["text", "image"], shard_index=0, shard_count=1)
+    trainer = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3), threading.Lock(), None,
+                      batch_size=4, seed=0, device=torch.device("cpu"))
+    time.sleep(2.5)  # time before the first step (joining, evaluating) is not part of the rate
+    trainer.step()
+    assert trainer.stats.steps == 1 and trainer.stats.samples == 8
+    first = trainer.stats.samples_per_s
+    assert first > 8 / 2.5, first
