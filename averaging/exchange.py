@@ -20,6 +20,7 @@ from swarmtrain.averaging import protocol, rules
 from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, LocalDataError, WireError, decode, encode
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.replica import LocalReplica
+from swarmtrain.dht.streams import drain, linger
 
 MAX_CHUNK_ELEMS = 1 << 24  # a chunk larger than this is refused (64 MiB of float32)
 
@@ -125,8 +126,7 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
         if why_not is not None:
             outbox.put_nowait(protocol.request("abort", reason=why_not))
             outbox.put_nowait(None)
-            with contextlib.suppress(Exception):  # let the partner read the abort before the stream closes
-                await asyncio.wait_for(_until_closed(stream), spec.timeout_s)
+            await drain(stream, spec.timeout_s)  # let the partner read the abort before the stream closes
             if why_not == "stale":
                 return "stale"
             raise Rejected(why_not)
@@ -223,15 +223,15 @@ async def serve(replica: LocalReplica, hello: dict, requests: AsyncIterator, met
             await asyncio.shield(replica.call(replica.references.store, remote, new_token, values, received))
         outcome.result = "ok"
         yield protocol.response("done")
-        await _drain(requests, timeout)
+        await drain(requests, timeout)
     except LocalDataError as e:
         outcome.result, outcome.error = "local", str(e)
         yield protocol.response("refuse", reason="the partner's own parameters are not finite")
-        await _drain(requests, timeout)
+        await drain(requests, timeout)
     except (ProtocolError, WireError, Rejected) as e:
         outcome.result, outcome.error = "rejected", str(e)
         yield protocol.response("refuse", reason=str(e)[:200])
-        await _drain(requests, timeout)
+        await drain(requests, timeout)
     except (asyncio.TimeoutError, StopAsyncIteration, ConnectionError) as e:
         outcome.result, outcome.error = "failed", f"initiator went silent ({type(e).__name__})"
     except RuntimeError as e:  # e.g. we are shutting down: our thread pool is closed
@@ -269,7 +269,7 @@ async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIter
         check_layout(replica, meta)
     except ProtocolError as e:
         yield meter.out(protocol.response("refuse", reason=str(e)[:200]))
-        await asyncio.sleep(replica.spec.timeout_s)  # see below
+        await linger(timeout=replica.spec.timeout_s)
         return
     snapshot = await replica.call(replica.snapshot)
     yield meter.out(protocol.response("accept", numel=replica.numel))
@@ -278,10 +278,7 @@ async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIter
         message, _ = encode(snapshot[lo : lo + step], "none")
         yield meter.out(protocol.response("chunk", message, o=lo))
     yield meter.out(protocol.response("done"))
-    # keep our side open until the joining peer closes the stream (hivemind then cancels this handler): returning
-    # now would close it while the last messages may still be in flight, and the daemons can drop them (seen with
-    # the expert pool's single-call answers, 1 in 120 under load)
-    await asyncio.sleep(replica.spec.timeout_s)
+    await linger(timeout=replica.spec.timeout_s)  # until the joining peer has read everything and closes
 
 
 async def fetch_state(replica: LocalReplica, stream_factory: Callable, meter: Meter, group: str) -> torch.Tensor:
@@ -377,19 +374,6 @@ async def _next(stream, meter: Meter, deadline: Optional[float] = None):
     except StopAsyncIteration:
         raise ConnectionError("the partner closed the stream") from None
     return meter.inp(message)
-
-
-async def _until_closed(stream) -> None:
-    async for _ in stream:
-        pass
-
-
-async def _drain(requests: AsyncIterator, timeout: float) -> None:
-    """Partner: read (and drop) what the initiator still sends until it ends its side, before we close ours.
-    Closing first races with its writes in flight, and the stream reset that follows can drop our last message
-    ("done" or "refuse") before the initiator reads it."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(_until_closed(requests), timeout)
 
 
 def _sample_tensor(data: bytes) -> torch.Tensor:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
 from typing import AsyncIterator, Mapping, Optional, Sequence
@@ -41,6 +40,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import ExpertLoad, Manifest
+from swarmtrain.dht.streams import linger
 from swarmtrain.dht.uids import parse_uid
 from swarmtrain.expert_pool.backend import ExpertBackend
 from swarmtrain.expert_pool.activations import DEFAULT_MAX_BYTES, ActivationCache
@@ -57,7 +57,7 @@ from swarmtrain.expert_pool.wire import (
 )
 
 logger = logging.getLogger(__name__)
-DRAIN_TIMEOUT_S = 5.0  # how long a finished single-call stream waits for the caller's end-of-stream
+DRAIN_TIMEOUT_S = 5.0  # how long a finished single-call stream stays open for its caller (dht/streams.py)
 MAX_SESSION_CALLS = 64  # calls in flight on one session; the stream is not read further until some complete
 _INPUTS: dict[str, tuple[str, ...]] = {"forward": ("x",), "backward": ("x", "grad_out")}
 
@@ -213,7 +213,7 @@ class ExpertServer(ServicerBase):
         """Forward pass of one expert on a batch of rows (one call per stream)."""
         for message in await self._serve_one("forward", requests, context):
             yield message
-        await _linger(requests)
+        await linger(requests, DRAIN_TIMEOUT_S)
 
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -221,7 +221,7 @@ class ExpertServer(ServicerBase):
         """Backward pass (grad w.r.t. inputs) of one expert, then one optimizer step of it (one call per stream)."""
         for message in await self._serve_one("backward", requests, context):
             yield message
-        await _linger(requests)
+        await linger(requests, DRAIN_TIMEOUT_S)
 
     async def rpc_session(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -283,7 +283,7 @@ class ExpertServer(ServicerBase):
             messages = error_response(str(e))
         for message in messages:
             yield message
-        await _linger(requests)
+        await linger(requests, DRAIN_TIMEOUT_S)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -399,25 +399,3 @@ class ExpertServer(ServicerBase):
             return backend.backward(*tensors, step=False)
 
         return compute
-
-
-async def _linger(requests: AsyncIterator, timeout: float = DRAIN_TIMEOUT_S) -> None:
-    """End of a single-call handler: read the caller's end-of-stream, then keep our side open until the caller
-    closes the stream (hivemind then cancels this handler) or ``timeout`` passes. The caller sends its
-    end-of-stream right after its request, long before it has read our answer; a handler that returned at that
-    point made hivemind close our side while the answer's last message was still on its way, and now and then
-    the daemons dropped it (1 call in 120 of 5 MiB answers on a loaded machine; 0 in 600 with this wait)."""
-    await _drain(requests, timeout)
-    await asyncio.sleep(timeout)
-
-
-async def _drain(requests: AsyncIterator, timeout: float = DRAIN_TIMEOUT_S) -> None:
-    """Read (and drop) what the caller still sends, up to its end-of-stream, before our side closes: closing first
-    races with its writes in flight (the end-of-stream marker), and the stream reset that follows can drop our last
-    response message before the caller reads it (seen under load with a 5 MiB answer in two messages)."""
-    async def until_end() -> None:
-        async for _ in requests:
-            pass
-
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(until_end(), timeout)
