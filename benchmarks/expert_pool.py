@@ -13,6 +13,9 @@ Linear(f, h)``, default h=512, f=2048), top-k=2, one fwd+bwd per call, for each 
   called through :class:`~swarmtrain.expert_pool.client.RemoteDispatcher` with random top-2 routing, once per
   wire codec in ``--codecs`` (the first one is the headline);
 * ``local``: the dense k=2 baseline of the anchor: two local FFNs fwd+bwd over the whole batch in this process.
+* ``local_train`` (for information, not the headline): ``local`` plus one fused Adam step of the two FFNs, i.e.
+  the same kind of work our server does per call (it steps every expert it ran); ``ratio_vs_local_train``
+  compares against it.
 
 Methods are timed round-robin within each repeat (so machine load drifts hit all of them alike); each figure is
 the median over ``--repeats`` repeats of the mean time per call. The LAST line printed is one JSON object:
@@ -74,11 +77,13 @@ def main() -> None:
         ours = stack.enter_context(_our_swarm(args))
         hm_moe = None if args.skip_hivemind else stack.enter_context(_hivemind_moe(args, hm_info))
         local = [ExpertFFN(args.hidden, args.ffn) for _ in range(2)]
+        local_optimizer = torch.optim.Adam([p for f in local for p in f.parameters()], lr=1e-4, fused=True)
 
         for batch in args.batch_sizes:
             x = torch.randn(batch, args.hidden, requires_grad=True)
             g = torch.randn(batch, args.hidden)
-            methods = {"local": (lambda: _local_dense_k2(local, x, g), max(20, 2560 // batch))}
+            methods = {"local": (lambda: _local_dense_k2(local, x, g), max(20, 2560 // batch)),
+                       "local_train": (lambda: _local_train_step(local, local_optimizer, x, g), max(20, 2560 // batch))}
             for codec in args.codecs:
                 dispatcher = ours["dispatchers"][codec]
                 methods[f"ours_{codec}"] = (lambda d=dispatcher: _ours(d, x, g, args.experts), max(8, 1280 // batch))
@@ -98,6 +103,8 @@ def main() -> None:
             headline = f"ours_{args.codecs[0]}"
             summary = {"ours_s": row[headline]["median_s"], "local_s": row["local"]["median_s"]}
             summary["ratio_vs_local"] = summary["ours_s"] / summary["local_s"]
+            summary["local_train_s"] = row["local_train"]["median_s"]
+            summary["ratio_vs_local_train"] = summary["ours_s"] / summary["local_train_s"]
             if "hivemind" in row:
                 summary["hivemind_s"] = row["hivemind"]["median_s"]
                 summary["speedup_vs_hivemind"] = summary["hivemind_s"] / summary["ours_s"]
@@ -129,6 +136,14 @@ def main() -> None:
 def _local_dense_k2(local: list[ExpertFFN], x: torch.Tensor, g: torch.Tensor) -> None:
     x.grad = None
     (local[0](x) + local[1](x)).backward(g)
+
+
+def _local_train_step(local: list[ExpertFFN], optimizer: torch.optim.Optimizer, x: torch.Tensor, g: torch.Tensor):
+    for f in local:
+        for p in f.parameters():
+            p.grad = None
+    _local_dense_k2(local, x, g)
+    optimizer.step()
 
 
 def _ours(dispatcher, x: torch.Tensor, g: torch.Tensor, n_experts: int) -> None:
