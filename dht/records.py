@@ -158,6 +158,9 @@ class Manifest(_Strict):
     expert_pool: ExpertPoolSpec = ExpertPoolSpec()
     dataset: DatasetSpec = DatasetSpec()
     training: TrainingSpec = TrainingSpec()
+    # set when the coordinator resumed the run from a checkpoint (its saved_at): peers then start from the
+    # coordinator's copy of any state no live peer has (peer/seed.py)
+    resumed_from: Optional[Finite] = None
 
     @model_validator(mode="after")
     def _check_modalities(self) -> "Manifest":

@@ -55,6 +55,8 @@ class CoordinatorOptions(NetworkOptions):
     checkpoint_dir: str = option("checkpoints", "where checkpoints (safetensors) are written")
     checkpoint_every_s: float = option(60.0, "seconds between checkpoints of the swarm's model (0: never)")
     keep_checkpoints: int = option(3, "how many recent checkpoints to keep")
+    resume: Optional[str] = option(
+        None, "resume the run from this checkpoint file, or 'latest' (the newest in --checkpoint-dir)")
     maddrs_file: Optional[str] = option(None, "also write the multiaddrs volunteers should use to this file")
     dashboard_port: int = option(0, "also serve the dashboard on this port (0: no dashboard)")
     dashboard_host: str = option("127.0.0.1", "address the dashboard binds to")
@@ -157,7 +159,7 @@ class DashboardOptions(StatusOptions):
 def build_manifest(table: dict, run_id: str, coordinator_peer_id: str) -> Manifest:
     """Validate the ``[manifest]`` table of a run.toml into a Manifest (raises OptionsError naming the field)."""
     fields = dict(table)
-    for reserved in ("run_id", "coordinator", "created_at", "format_version"):
+    for reserved in ("run_id", "coordinator", "created_at", "format_version", "resumed_from"):
         if reserved in fields:
             raise OptionsError(f"[manifest] must not set {reserved!r}: it is filled in by the coordinator")
     try:

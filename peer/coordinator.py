@@ -3,7 +3,8 @@
 It does not train. It keeps a DHT node with a persistent identity (``--identity``) so volunteers can always
 bootstrap from the same multiaddr, re-publishes the signed manifest well before it expires, publishes its own
 heartbeat (role ``coordinator``), and every ``--checkpoint-every-s`` pulls the current replicated parameters from a
-live peer and every expert from one of its hosts into a safetensors checkpoint.
+live peer and every expert from one of its hosts into a safetensors checkpoint. With ``--resume`` it continues the
+run of a checkpoint and serves that checkpoint's state to the first volunteers (:mod:`~swarmtrain.peer.seed`).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from swarmtrain.dht.records import Heartbeat, Manifest
 from swarmtrain.expert_pool.client import fetch_expert_state
 from swarmtrain.expert_pool.dispatch import LocalDispatcher
 from swarmtrain.expert_pool.registry import ExpertRegistry
-from swarmtrain.peer.checkpoint import Checkpoint, save_checkpoint
+from swarmtrain.peer.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from swarmtrain.peer.config import CoordinatorOptions, build_manifest
 from swarmtrain.peer.daemon import swarmtrain_version
 from swarmtrain.peer.model import SwarmModel
+from swarmtrain.peer.seed import CheckpointSeed
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,13 @@ class Coordinator:
     def start(self) -> list[str]:
         opts = self.options
         self.identity = identity = Identity.load_or_create(opts.identity)
-        self.manifest: Manifest = build_manifest(opts.manifest, opts.run_id, identity.peer_id)
+        checkpoint = self._resume_checkpoint() if opts.resume else None
+        if checkpoint is None:
+            self.manifest: Manifest = build_manifest(opts.manifest, opts.run_id, identity.peer_id)
+        else:
+            self.manifest = checkpoint.manifest.model_copy(
+                update={"coordinator": identity.peer_id, "resumed_from": checkpoint.saved_at}
+            )
         self.node = SwarmNode(
             opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=identity.peer_id,
             host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs,
@@ -58,6 +66,8 @@ class Coordinator:
         self.peer_id = identity.peer_id
         self.directory = SwarmDirectory(self.node.dht, opts.run_id, identity.peer_id)
         self.maddrs = self.node.visible_maddrs()
+        self.seed = CheckpointSeed(checkpoint)
+        self.node.loop.run(self.seed.add_handler(self.node.p2p), timeout=30)
         self._publish()
         if opts.maddrs_file:
             with open(opts.maddrs_file, "w") as f:
@@ -71,6 +81,32 @@ class Coordinator:
             self.dashboard.start()
             logger.info(f"dashboard at {self.dashboard.url}")
         return self.maddrs
+
+    def _resume_checkpoint(self) -> Checkpoint:
+        """The checkpoint named by ``--resume`` (a file, or ``latest`` in ``--checkpoint-dir``), checked against
+        ``--run-id`` and, when a ``[manifest]`` table is given, against its model (which may change training
+        settings such as the learning rate, not the model); the resumed run keeps the checkpoint's creation time."""
+        opts = self.options
+        path = opts.resume
+        if path == "latest":
+            found = list_checkpoints(opts.checkpoint_dir)
+            if not found:
+                raise CheckpointError(f"--resume latest: no checkpoint in {opts.checkpoint_dir!r}")
+            path = found[-1]
+        expect = build_manifest(opts.manifest, opts.run_id, self.identity.peer_id) if opts.manifest else None
+        checkpoint = load_checkpoint(path, expect=expect)
+        saved = checkpoint.manifest
+        if saved.run_id != opts.run_id:
+            raise CheckpointError(
+                f"checkpoint {path!r} is of run {saved.run_id!r}, not {opts.run_id!r}: pass --run-id {saved.run_id}"
+            )
+        if expect is not None:
+            if expect.modalities != saved.modalities or expect.seed != saved.seed:
+                raise CheckpointError(f"checkpoint {path!r} has other modalities or seed than the [manifest] table")
+            checkpoint.manifest = expect.model_copy(update={"created_at": saved.created_at})
+        logger.info(f"resuming run {saved.run_id!r} from checkpoint {path} (saved at {checkpoint.saved_at:.0f}, "
+                    f"{len(checkpoint.experts)} experts)")
+        return checkpoint
 
     def run(self, stop: threading.Event) -> None:
         last_checkpoint = last_manifest = time.monotonic()

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
 from swarmtrain.peer.data import DataSource
 from swarmtrain.peer.model import SwarmModel
+from swarmtrain.peer.seed import REPLICATED, load_named_tensors
 from swarmtrain.peer.trainer import Trainer, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,10 @@ class PeerDaemon:
         )
         if self.averager.load_state_from_peers():
             logger.info("copied the current replicated parameters from a live peer")
+        elif manifest.resumed_from is not None:
+            params = dict(self.model.named_parameters())
+            with self.lock:
+                self._load_from_checkpoint(REPLICATED, lambda state: load_named_tensors(params, state, "replicated"))
         self.averager.start()
         batch_size = opts.batch_size or manifest.training.batch_size
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
@@ -227,6 +232,21 @@ class PeerDaemon:
                 return
             except Exception as e:
                 logger.warning(f"expert {uid}: could not copy the replica at {short_peer_id(host)}: {e}")
+        if self.manifest.resumed_from is not None:
+            self._load_from_checkpoint(uid, lambda state: self.server.load_state_dict(uid, state))
+
+    def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> bool:
+        """In a resumed run, start ``uid`` (an expert, or REPLICATED) from the coordinator's checkpoint when no live
+        peer had it; False (and a warning: we then start from the seeded init) if that fails."""
+        coordinator = self.manifest.coordinator
+        try:
+            load(self.node.loop.run(fetch_expert_state(self.node.p2p, coordinator, uid), timeout=60))
+        except Exception as e:
+            logger.warning(f"{uid}: could not load the resumed run's checkpoint from the coordinator, starting from "
+                           f"the seeded init: {e}")
+            return False
+        logger.info(f"{uid}: started from the checkpoint the coordinator resumed the run from")
+        return True
 
     def _release_replicas(self, hosted: set[str], served: dict[str, int], wanted: int) -> set[str]:
         """Stop hosting up to ``wanted`` experts that others also host, to make room for unserved ones.
