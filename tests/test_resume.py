@@ -70,9 +70,11 @@ def test_a_volunteer_of_a_resumed_run_starts_from_the_checkpoint(trained_checkpo
     ckpt = trained_checkpoint
     assert ckpt["trained_loss"] < ckpt["fresh_loss"] - 0.5, (ckpt["fresh_loss"], ckpt["trained_loss"])
     maddrs_file = tmp_path / "maddrs"
+    config = tmp_path / "run.toml"  # a resumed run may change training settings, not the model
+    config.write_text('[manifest.optimizer]\nname = "adam"\nlr = 0.001\n')
     coordinator = spawn(swarmtrain_cmd(
         "coordinator", "--run-id", RUN, "--host-maddrs", LOOPBACK, "--maddrs-file", str(maddrs_file),
-        "--checkpoint-dir", ckpt["dir"], "--checkpoint-every-s", "0", "--resume", "latest"),
+        "--checkpoint-dir", ckpt["dir"], "--checkpoint-every-s", "0", "--resume", "latest", "--config", str(config)),
         str(tmp_path / "coordinator.log"))
     peer = client = None
     try:
@@ -104,15 +106,21 @@ def test_a_volunteer_of_a_resumed_run_starts_from_the_checkpoint(trained_checkpo
                                     timeout=60)
             if result.returncode != 0:
                 return None
-            peers = json.loads(result.stdout.strip().splitlines()[-1])["peers"].values()
-            return next((hb["val_loss_initial"] for hb in peers if hb["public_name"] == "dana"), None)
+            status = json.loads(result.stdout.strip().splitlines()[-1])
+            loss = next((hb["val_loss_initial"] for hb in status["peers"].values() if hb["public_name"] == "dana"), None)
+            return (loss, status["manifest"]) if loss is not None else None
 
-        loss = wait_for(initial_loss, 180, interval=3, what="the resumed peer's first evaluation")
+        loss, manifest = wait_for(initial_loss, 180, interval=3, what="the resumed peer's first evaluation")
+        assert manifest["resumed_from"] == 1234.5 and manifest["optimizer"]["lr"] == 0.001
+        assert manifest["created_at"] == ckpt["manifest"].created_at and manifest["coordinator"] == coordinator_id
         log = (tmp_path / "dana.log").read_text(errors="replace")
         assert f"{REPLICATED}: started from the checkpoint" in log
         assert f"{uid}: started from the checkpoint" in log
         assert loss == pytest.approx(ckpt["trained_loss"], rel=1e-3), (loss, ckpt["trained_loss"], ckpt["fresh_loss"])
         assert "resuming run 'resumed' from checkpoint" in (tmp_path / "coordinator.log").read_text(errors="replace")
+        shown = subprocess.run(swarmtrain_cmd("status", "--run-id", RUN, "--initial-peers", maddr, "--host-maddrs",
+                                              LOOPBACK), capture_output=True, text=True, timeout=60)
+        assert "resumed from a checkpoint saved 1970-01-01 00:20:34 UTC" in shown.stdout, shown.stdout
     finally:
         if client is not None:
             client.shutdown()
@@ -126,8 +134,15 @@ def test_a_volunteer_of_a_resumed_run_starts_from_the_checkpoint(trained_checkpo
 def test_bad_resume_arguments_end_with_one_clear_line(trained_checkpoint, tmp_path):
     corrupt = tmp_path / "checkpoint-1.safetensors"
     corrupt.write_bytes(b"not a checkpoint at all")
+    other_model = tmp_path / "other.toml"
+    other_model.write_text('[manifest.experts_per_layer]\ntext = 2\nimage = 2\n')
+    other_seed = tmp_path / "seed.toml"
+    other_seed.write_text('[manifest]\nseed = 7\n')
+    path = trained_checkpoint["path"]
     cases = [
         (["--resume", str(tmp_path / "missing.safetensors")], "does not exist"),
+        (["--resume", path, "--run-id", RUN, "--config", str(other_model)], "saved for a different model"),
+        (["--resume", path, "--run-id", RUN, "--config", str(other_seed)], "other modalities or seed"),
         (["--resume", str(corrupt)], "is corrupt or not a safetensors file"),
         (["--resume", "latest", "--checkpoint-dir", str(tmp_path / "empty")], "--resume latest: no checkpoint in"),
         (["--resume", trained_checkpoint["path"], "--run-id", "other-run"], "pass --run-id resumed"),
