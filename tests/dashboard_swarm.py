@@ -108,6 +108,7 @@ def _records(spec: MemberSpec, peer_id: str, maddrs: list[str], started: float, 
             yield RecordKind.MANIFEST, Manifest(
                 run_id=RUN_ID, created_at=started, coordinator=peer_id, modalities=("text", "image"),
                 experts_per_layer={"text": 2, "image": 2}, training=HEARTBEAT,
+                resumed_from=started - 3600.0,  # as if resumed from an hour-old checkpoint (--resume)
             )
         yield RecordKind.PEERS, Heartbeat(peer_id=peer_id, role="coordinator", public_name="coordinator",
                                           version="test", maddrs=tuple(maddrs), started_at=started, time=now)

@@ -145,6 +145,7 @@ def test_state_and_metrics_match_what_peers_published(swarm):
     assert state["schema"] == "swarmtrain.dashboard.state/1" and state["run_id"] == RUN_ID
     assert state["manifest"]["coordinator"] == coordinator.peer_id
     assert state["manifest"]["experts_per_layer"] == {"text": 2, "image": 2}
+    assert state["manifest"]["resumed_from"] == pytest.approx(state["manifest"]["created_at"] - 3600.0)
 
     for member in (alice, bob):
         row = peer_row(state, member.peer_id)
@@ -370,6 +371,8 @@ def test_browser_shows_live_peers_charts_and_a_killed_peer_as_gone(swarm, tmp_pa
         wait_for(lambda: row_text(bob.peer_id, "td.name") == EVIL_NAME, 10, what="bob's row, escaped")
         assert driver.execute_script("return document.querySelectorAll('#peers-body img').length") == 0
         assert driver.title == "swarmtrain dashboard"
+        summary = driver.find_element("id", "manifest-summary").text
+        assert "resumed from" in summary and "checkpoint of" in summary, summary
         for peer in (alice, bob):
             assert row_text(peer.peer_id, ".badge.online") == "online"
 
@@ -444,6 +447,7 @@ def test_coordinator_serves_the_dashboard_of_a_real_training_peer(tmp_path):
             raise AssertionError(f"{e}\n--- coordinator log:\n{logs['coordinator']}\n--- peer log:\n{logs['peer']}")
         row = next(p for p in state["peers"] if p["public_name"] == "real-peer")
         assert state["manifest"]["coordinator"] == maddr.rsplit("/p2p/", 1)[1]
+        assert state["manifest"]["resumed_from"] is None  # a fresh run
         assert any(p["role"] == "coordinator" for p in state["peers"])
         assert row["reachability"] == "direct" and row["samples"] > 0 and row["loss"] is not None
         served = {e["uid"]: e for m in state["experts"].values() for e in m}

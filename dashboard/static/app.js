@@ -107,6 +107,7 @@ function renderOverview(state) {
     ["dataset", m.dataset.name],
     ["created", new Date(m.created_at * 1000).toLocaleString()],
   ];
+  if (m.resumed_from != null) items.push(["resumed from", "checkpoint of " + new Date(m.resumed_from * 1000).toLocaleString()]);
   if (!m.live) items.push(["manifest", "expired from the DHT (last seen copy)"]);
   summary.replaceChildren(...items.map(([k, v]) => el("span", { cls: "kv" }, [
     el("span", { cls: "k", text: k }), el("span", { cls: "v", text: v, max: 96 }),
