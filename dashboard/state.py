@@ -122,6 +122,7 @@ def manifest_view(manifest: Optional[Manifest], live: bool, now: float) -> Optio
         return None
     return {
         **manifest.model_dump(mode="json"),
+        "resumed_from": manifest.resumed_from,  # null when the run was not resumed (the dump leaves it out)
         "live": live,
         "num_experts": len(manifest.expert_uids()),
         "run_uptime_s": max(0.0, now - manifest.created_at),

@@ -159,8 +159,9 @@ class Manifest(_Strict):
     dataset: DatasetSpec = DatasetSpec()
     training: TrainingSpec = TrainingSpec()
     # set when the coordinator resumed the run from a checkpoint (its saved_at): peers then start from the
-    # coordinator's copy of any state no live peer has (peer/seed.py)
-    resumed_from: Optional[Finite] = None
+    # coordinator's copy of any state no live peer has (peer/seed.py). Left out of the serialized manifest when
+    # unset, so manifests of runs that were not resumed read the same as before this field existed.
+    resumed_from: Optional[Finite] = Field(None, exclude_if=lambda value: value is None)
 
     @model_validator(mode="after")
     def _check_modalities(self) -> "Manifest":

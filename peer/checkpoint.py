@@ -7,6 +7,7 @@ mid-write never leaves a truncated checkpoint under the final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -74,6 +75,8 @@ def load_checkpoint(path: str, expect: Optional[Manifest] = None) -> Checkpoint:
         source_peers = json.loads(metadata.get("source_peers", "[]"))
     except Exception as e:
         raise CheckpointError(f"checkpoint {path!r} has a bad manifest/metadata: {e}") from None
+    if not math.isfinite(saved_at):
+        raise CheckpointError(f"checkpoint {path!r} has a non-finite save time {saved_at!r}")
     if expect is not None and (expect.model != manifest.model or expect.experts_per_layer != manifest.experts_per_layer):
         raise CheckpointError(f"checkpoint {path!r} was saved for a different model than this run's manifest")
     replicated, experts = {}, {}

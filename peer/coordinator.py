@@ -55,9 +55,7 @@ class Coordinator:
         if checkpoint is None:
             self.manifest: Manifest = build_manifest(opts.manifest, opts.run_id, identity.peer_id)
         else:
-            self.manifest = checkpoint.manifest.model_copy(
-                update={"coordinator": identity.peer_id, "resumed_from": checkpoint.saved_at}
-            )
+            self.manifest = checkpoint.manifest
         self.node = SwarmNode(
             opts.run_id, identity, initial_peers=opts.initial_peers, trusted_coordinator=identity.peer_id,
             host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs,
@@ -84,8 +82,9 @@ class Coordinator:
 
     def _resume_checkpoint(self) -> Checkpoint:
         """The checkpoint named by ``--resume`` (a file, or ``latest`` in ``--checkpoint-dir``), checked against
-        ``--run-id`` and, when a ``[manifest]`` table is given, against its model (which may change training
-        settings such as the learning rate, not the model); the resumed run keeps the checkpoint's creation time."""
+        ``--run-id``, with its manifest made this run's: a ``[manifest]`` table is applied over the checkpoint's
+        manifest (it may change training settings such as the learning rate, not the model, modalities, experts or
+        seed); the run keeps its creation time and is marked ``resumed_from`` the checkpoint's save time."""
         opts = self.options
         path = opts.resume
         if path == "latest":
@@ -93,17 +92,24 @@ class Coordinator:
             if not found:
                 raise CheckpointError(f"--resume latest: no checkpoint in {opts.checkpoint_dir!r}")
             path = found[-1]
-        expect = build_manifest(opts.manifest, opts.run_id, self.identity.peer_id) if opts.manifest else None
-        checkpoint = load_checkpoint(path, expect=expect)
+        checkpoint = load_checkpoint(path)
         saved = checkpoint.manifest
         if saved.run_id != opts.run_id:
             raise CheckpointError(
                 f"checkpoint {path!r} is of run {saved.run_id!r}, not {opts.run_id!r}: pass --run-id {saved.run_id}"
             )
-        if expect is not None:
-            if expect.modalities != saved.modalities or expect.seed != saved.seed:
-                raise CheckpointError(f"checkpoint {path!r} has other modalities or seed than the [manifest] table")
-            checkpoint.manifest = expect.model_copy(update={"created_at": saved.created_at})
+        fields = saved.model_dump(mode="json", exclude={"run_id", "coordinator", "created_at", "format_version",
+                                                         "resumed_from"})
+        manifest = build_manifest(_merged(fields, opts.manifest), opts.run_id, self.identity.peer_id)
+        changed = [name for name in ("model", "modalities", "experts_per_layer", "seed")
+                   if getattr(manifest, name) != getattr(saved, name)]
+        if changed:
+            raise CheckpointError(f"the [manifest] table changes {', '.join(changed)} of the checkpoint's run "
+                                  f"({path!r}); a resumed run may change training settings only")
+        # validated again as a whole (model_copy would skip validation)
+        checkpoint.manifest = Manifest.model_validate(
+            {**manifest.model_dump(), "created_at": saved.created_at, "resumed_from": checkpoint.saved_at}
+        )
         logger.info(f"resuming run {saved.run_id!r} from checkpoint {path} (saved at {checkpoint.saved_at:.0f}, "
                     f"{len(checkpoint.experts)} experts)")
         return checkpoint
@@ -172,6 +178,11 @@ class Coordinator:
                     logger.debug(f"could not fetch {uid} from {host}: {e}")
             else:
                 missing.append(uid)
+        resumed = self.seed.checkpoint
+        if resumed is not None:  # a resumed run: experts nobody hosts yet keep the state we resumed from
+            kept = [uid for uid in missing if uid in resumed.experts]
+            experts.update({uid: resumed.experts[uid] for uid in kept})
+            missing = [uid for uid in missing if uid not in resumed.experts]
         if missing:
             logger.warning(f"checkpoint without unreachable experts: {', '.join(missing)}")
         checkpoint = Checkpoint(
@@ -189,3 +200,14 @@ class Coordinator:
             self.node = None
         if getattr(self, "identity", None) is not None:
             self.identity.discard()  # only a throwaway key; --identity files are kept
+
+
+def _merged(base: dict, table: dict) -> dict:
+    """``base`` with ``table``'s keys applied; sections (dicts in both) are merged key by key, one level deep."""
+    merged = dict(base)
+    for key, value in table.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged

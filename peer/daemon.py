@@ -25,7 +25,7 @@ from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
-from swarmtrain.expert_pool.client import RemoteDispatcher, fetch_expert_state
+from swarmtrain.expert_pool.client import ExpertCallError, RemoteDispatcher, fetch_expert_state
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
@@ -95,6 +95,7 @@ class PeerDaemon:
         self.trainer: Optional[Trainer] = None
         self._maintenance: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._seed_unreachable = False  # the coordinator of a resumed run failed to answer a checkpoint request
         self.started_at = time.time()
 
     def run(self, stop: threading.Event) -> None:
@@ -149,8 +150,12 @@ class PeerDaemon:
             logger.info("copied the current replicated parameters from a live peer")
         elif manifest.resumed_from is not None:
             params = dict(self.model.named_parameters())
-            with self.lock:
-                self._load_from_checkpoint(REPLICATED, lambda state: load_named_tensors(params, state, "replicated"))
+
+            def load_replicated(state: dict) -> None:
+                with self.lock:
+                    load_named_tensors(params, state, "replicated")
+
+            self._load_from_checkpoint(REPLICATED, load_replicated)
         self.averager.start()
         batch_size = opts.batch_size or manifest.training.batch_size
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
@@ -238,10 +243,14 @@ class PeerDaemon:
     def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> bool:
         """In a resumed run, start ``uid`` (an expert, or REPLICATED) from the coordinator's checkpoint when no live
         peer had it; False (and a warning: we then start from the seeded init) if that fails."""
-        coordinator = self.manifest.coordinator
+        if self._seed_unreachable:
+            logger.warning(f"{uid}: starting from the seeded init (the coordinator did not answer before)")
+            return False
         try:
-            load(self.node.loop.run(fetch_expert_state(self.node.p2p, coordinator, uid), timeout=60))
+            load(self.node.loop.run(fetch_expert_state(self.node.p2p, self.manifest.coordinator, uid), timeout=60))
         except Exception as e:
+            refused = isinstance(e, ExpertCallError) and e.refused  # it answered: e.g. the checkpoint lacks uid
+            self._seed_unreachable = not refused  # do not wait on an unreachable coordinator once per expert
             logger.warning(f"{uid}: could not load the resumed run's checkpoint from the coordinator, starting from "
                            f"the seeded init: {e}")
             return False

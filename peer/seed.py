@@ -33,6 +33,7 @@ class CheckpointSeed:
     def __init__(self, checkpoint: Optional[Checkpoint], chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.checkpoint, self.chunk_bytes = checkpoint, chunk_bytes
         self.served = 0  # state answers sent (for logs and tests)
+        self._packed: dict[str, list[runtime_pb2.ExpertResponse]] = {}  # the checkpoint never changes: encode once
 
     async def add_handler(self, p2p: P2P) -> None:
         """Register the handler on the coordinator's p2p (which hosts no ExpertServer of its own)."""
@@ -46,9 +47,12 @@ class CheckpointSeed:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             call = await read_call(requests, max_bytes=0)
-            state = self._state(call.uid)
-            names = sorted(state)
-            messages = pack_response({"names": names}, [encode_tensor(state[n]) for n in names], self.chunk_bytes)
+            messages = self._packed.get(call.uid)
+            if messages is None:
+                state = self._state(call.uid)
+                names = sorted(state)
+                messages = pack_response({"names": names}, [encode_tensor(state[n]) for n in names], self.chunk_bytes)
+                self._packed[call.uid] = messages
             self.served += 1
             logger.info(f"sent the checkpoint's {call.uid} to {context.remote_id}")
         except WireError as e:

@@ -64,7 +64,10 @@ def render_status(status: dict) -> str:
         lines.append(f"run {manifest['run_id']!r}: modalities {', '.join(manifest['modalities'])}, "
                      f"experts per layer {manifest['experts_per_layer']}, coordinator {manifest['coordinator']}")
         if manifest.get("resumed_from") is not None:
-            saved = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(manifest["resumed_from"]))
+            try:
+                saved = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(manifest["resumed_from"]))
+            except (OverflowError, OSError, ValueError):
+                saved = f"at {manifest['resumed_from']!r}"
             lines.append(f"resumed from a checkpoint saved {saved}")
     lines.append(f"{'name':<20} {'peer':<10} {'role':<12} {'steps':>7} {'samples/s':>10} {'loss':>8} {'val':>8}  experts")
     for peer, hb in sorted(status["peers"].items(), key=lambda kv: kv[1]["public_name"]):

@@ -72,6 +72,7 @@ class Trainer:
         self.stats = TrainerStats()
         self._window_start: Optional[float] = None  # set when the first step starts
         self._window_samples = 0
+        self._first_window = True  # until the first 2 s window closes, every step updates the rate
 
     def step(self) -> dict[str, float]:
         """One training step; returns the task losses of this step."""
@@ -130,8 +131,8 @@ class Trainer:
             s.losses[name] = value if name not in s.losses else decay * s.losses[name] + (1 - decay) * value
         self._window_samples += samples
         elapsed = time.monotonic() - self._window_start
-        if elapsed >= 2.0 or (s.samples_per_s == 0.0 and elapsed > 0):
-            # until the first 2 s window completes, report the rate so far (a peer that has stepped is never at 0)
+        if elapsed >= 2.0 or (self._first_window and elapsed > 0):
+            # until the first 2 s window closes, report the rate so far (a peer that has stepped is never at 0)
             s.samples_per_s = self._window_samples / elapsed
         if elapsed >= 2.0:
-            self._window_start, self._window_samples = time.monotonic(), 0
+            self._window_start, self._window_samples, self._first_window = time.monotonic(), 0, False
