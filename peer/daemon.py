@@ -27,6 +27,7 @@ from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
 from swarmtrain.expert_pool.client import ExpertCallError, RemoteDispatcher, fetch_expert_state
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
+from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
 from swarmtrain.peer.data import DataSource
@@ -204,9 +205,8 @@ class PeerDaemon:
             if room > 0:
                 replicas = [uid for uid in uids if uid not in hosted and uid not in chosen]
                 chosen += choose_experts_to_host(replicas, served, room, self.peer_id)
-        for uid in chosen:
-            self.server.add_expert(uid)
-            self._copy_replica_state(uid)
+        for uid in chosen:  # the state is in place before the expert goes live (our own trainer calls it at once)
+            self.server.add_expert(uid, self._starting_expert(uid))
         if chosen:
             logger.info(f"hosting experts {', '.join(chosen)}")
             self.registry.publish()
@@ -225,20 +225,25 @@ class PeerDaemon:
         for uid in sorted(set(self.expert_averagers) - hosted):
             self.expert_averagers.pop(uid).shutdown()
 
-    def _copy_replica_state(self, uid: str) -> None:
-        """A new replica starts from the state of a live one, when there is one (else the seeded init)."""
+    def _starting_expert(self, uid: str) -> ExpertFFN:
+        """A new replica of ``uid``: the state of a live one when there is one, else (in a resumed run) the
+        coordinator's checkpoint, else the seeded init."""
+        spec = self.manifest.model
+        module = make_expert(uid, spec.hidden, spec.expert_ffn, self.manifest.seed)
+        params = dict(module.named_parameters())
         for host, _load in self.registry.hosts(uid):
             if host == self.peer_id:
                 continue
             try:
                 state = self.node.loop.run(fetch_expert_state(self.node.p2p, host, uid), timeout=30)
-                self.server.load_state_dict(uid, state)
+                load_named_tensors(params, state, f"the replica of {uid} at {short_peer_id(host)}")
                 logger.info(f"expert {uid}: copied the state of the replica at {short_peer_id(host)}")
-                return
+                return module
             except Exception as e:
                 logger.warning(f"expert {uid}: could not copy the replica at {short_peer_id(host)}: {e}")
         if self.manifest.resumed_from is not None:
-            self._load_from_checkpoint(uid, lambda state: self.server.load_state_dict(uid, state))
+            self._load_from_checkpoint(uid, lambda state: load_named_tensors(params, state, f"the checkpoint's {uid}"))
+        return module
 
     def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> bool:
         """In a resumed run, start ``uid`` (an expert, or REPLICATED) from the coordinator's checkpoint when no live
