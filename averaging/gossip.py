@@ -25,7 +25,7 @@ from swarmtrain.averaging.codec import LocalDataError, WireError
 from swarmtrain.averaging.exchange import Meter, Outcome, Rejected
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.rendezvous import Penalties, Rendezvous, choose_partners
-from swarmtrain.averaging.replica import LocalReplica
+from swarmtrain.averaging.replica import LocalReplica, wire_order
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import AveragingSpec
@@ -115,6 +115,7 @@ class GossipAverager(ServicerBase):
         self.node, self.spec, self.group, self.peer_id = node, spec, group, node.peer_id
         if not 0 < weight < 1e9:
             raise ValueError(f"push-sum weight must be in (0, 1e9), got {weight}")
+        self._shapes = [tuple(p.shape) for p in params]
         self.replica = LocalReplica(params, lock, spec, name=group)
         self.replica.weight = float(weight)
         self.rendezvous = rendezvous if rendezvous is not None else Rendezvous(directory, ttl_s=ttl_s)
@@ -164,6 +165,15 @@ class GossipAverager(ServicerBase):
         to others); False if there is none or none answered within ``timeout_s``. Call from any thread but the
         node's loop."""
         return self.node.loop.run(self._aload_state(timeout_s), timeout=timeout_s + 10)
+
+    def load_parameters(self, values: Sequence[torch.Tensor]) -> None:
+        """Overwrite ``params`` with ``values`` (same order and shapes as the constructor's ``params``), e.g. from
+        a checkpoint. Unlike writing into the tensors directly, this also resets what the replica derived from the
+        old values (its version, and the outer optimizer's anchor in diloco mode)."""
+        values = list(values)
+        if [tuple(v.shape) for v in values] != self._shapes:
+            raise ValueError(f"averager {self.group}: values do not have the shapes of the averaged parameters")
+        self.replica.load(torch.cat([v.detach().reshape(-1).float().cpu() for v in wire_order(values)]))
 
     def shutdown(self) -> None:
         """Stop averaging, stop serving, and withdraw this group from the rendezvous record; idempotent."""

@@ -32,7 +32,7 @@ from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
 from swarmtrain.peer.data import DataSource
 from swarmtrain.peer.model import SwarmModel
-from swarmtrain.peer.seed import REPLICATED, load_named_tensors
+from swarmtrain.peer.seed import REPLICATED, check_named_tensors, load_named_tensors
 from swarmtrain.peer.trainer import Trainer, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -150,13 +150,7 @@ class PeerDaemon:
         if self.averager.load_state_from_peers():
             logger.info("copied the current replicated parameters from a live peer")
         elif manifest.resumed_from is not None:
-            params = dict(self.model.named_parameters())
-
-            def load_replicated(state: dict) -> None:
-                with self.lock:
-                    load_named_tensors(params, state, "replicated")
-
-            self._load_from_checkpoint(REPLICATED, load_replicated)
+            self._load_from_checkpoint(REPLICATED, self._load_replicated)
         self.averager.start()
         batch_size = opts.batch_size or manifest.training.batch_size
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
@@ -244,6 +238,13 @@ class PeerDaemon:
         if self.manifest.resumed_from is not None:
             self._load_from_checkpoint(uid, lambda state: load_named_tensors(params, state, f"the checkpoint's {uid}"))
         return module
+
+    def _load_replicated(self, state: dict) -> None:
+        """Replace the replicated parameters with ``state`` (by name) through the averager's replica, which
+        also resets what it derived from the old values (the outer optimizer's anchor in diloco mode)."""
+        named = list(self.model.named_parameters())
+        check_named_tensors(dict(named), state, "the checkpoint's replicated parameters")
+        self.averager.load_parameters([state[name] for name, _ in named])
 
     def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> bool:
         """In a resumed run, start ``uid`` (an expert, or REPLICATED) from the coordinator's checkpoint when no live

@@ -70,9 +70,8 @@ class CheckpointSeed:
         return state
 
 
-def load_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Copy ``state`` into ``targets`` in place (same names and shapes, finite values), or raise ValueError and
-    change nothing."""
+def check_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError unless ``state`` has exactly ``targets``' names, their shapes, and finite values."""
     if set(state) != set(targets):
         missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
         raise ValueError(f"{what} does not match this model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -81,6 +80,11 @@ def load_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, 
             raise ValueError(f"{what}: {name} has shape {tuple(value.shape)}, expected {tuple(targets[name].shape)}")
         if not torch.isfinite(value).all():
             raise ValueError(f"{what}: {name} has NaN or Inf values")
+
+
+def load_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` into ``targets`` in place after :func:`check_named_tensors` (nothing changes if it fails)."""
+    check_named_tensors(targets, state, what)
     with torch.no_grad():
         for name, value in state.items():
             targets[name].copy_(value.to(targets[name].dtype))

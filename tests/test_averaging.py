@@ -702,6 +702,24 @@ def test_push_sum_converges_to_the_weighted_mean_also_after_a_peer_dies(nodes):
 
 
 @pytest.mark.timeout(60)
+def test_load_parameters_replaces_values_in_constructor_order_and_reanchors_the_replica(nodes):
+    spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=5, mode="diloco")
+    params = [torch.zeros(3), torch.zeros(300, 1000)]  # the replica sends the large tensor first (wire order)
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.randn(300, 1000)]
+    averager = _averager(nodes[0], params, spec, "load-params")
+    try:
+        averager.start()  # diloco: the outer optimizer anchors at the values of start()
+        averager.load_parameters(values)
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+        assert averager.replica.version == 1  # partners may not treat us as unchanged
+        assert torch.equal(averager.replica.outer.outer, averager.replica.snapshot())  # re-anchored at the new values
+        with pytest.raises(ValueError, match="shapes"):
+            averager.load_parameters([torch.zeros(3), torch.zeros(1000, 300)])
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+    finally:
+        averager.shutdown()
+
+
 def test_diloco_mode_applies_an_outer_nesterov_step_to_the_pair_average(nodes):
     spec = AveragingSpec(codec="none", period_s=QUIET, timeout_s=10, mode="diloco", outer_lr=0.7, outer_momentum=0.9)
     a0, b0 = torch.randn(20_000), torch.randn(20_000)
