@@ -8,7 +8,9 @@ the five methods of :class:`ParameterAverager`; nothing here knows how averaging
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ParameterAverager(Protocol):
 
     def load_state_from_peers(self, timeout_s: float = 30) -> bool:
         """Copy the current parameters of a live peer into ours; False if no peer could provide them in time."""
+
+    def load_parameters(self, values: Sequence[torch.Tensor]) -> None:
+        """Overwrite our parameters with ``values`` (e.g. a checkpoint's), in the order they were given to us."""
 
     def shutdown(self) -> None:
         """Stop averaging and unregister from the swarm; idempotent."""

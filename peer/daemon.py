@@ -95,6 +95,7 @@ class PeerDaemon:
         self.expert_averagers: dict[str, GossipAverager] = {}
         self.trainer: Optional[Trainer] = None
         self._maintenance: Optional[threading.Thread] = None
+        self._heartbeat: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._seed_unreachable = False  # the coordinator of a resumed run failed to answer a checkpoint request
         self.started_at = time.time()
@@ -161,6 +162,8 @@ class PeerDaemon:
         self._sync_expert_averagers()
         self._maintenance = threading.Thread(target=self._maintain, name="swarmtrain-maintenance", daemon=True)
         self._maintenance.start()
+        self._heartbeat = threading.Thread(target=self._beat, name="swarmtrain-heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def _load_data(self, manifest: Manifest) -> DataSource:
         shard = parse_shard(self.options.data_shard)
@@ -328,15 +331,27 @@ class PeerDaemon:
         return True
 
     def _maintain(self) -> None:
+        """Hosting decisions, every heartbeat period. They can take seconds (copying an expert's state, stopping
+        the averagers of released replicas), so the records that say we are alive are not published here."""
         period = self.manifest.training.heartbeat_period_s
         while not self._stop.wait(period):
             try:
                 self._host_experts()
                 self._sync_expert_averagers()
-                self.registry.publish()
-                self._publish_heartbeat()
             except Exception as e:
-                logger.warning(f"heartbeat failed: {e}")
+                logger.warning(f"expert hosting maintenance failed: {e}")
+
+    def _beat(self) -> None:
+        """Our heartbeat and expert record, every heartbeat period, whatever the maintenance thread is doing: a
+        maintenance round longer than the records' TTL used to let both expire, so the dashboard showed the peer
+        as gone and other peers took over its experts."""
+        period = self.manifest.training.heartbeat_period_s
+        while not self._stop.wait(period):
+            try:
+                self.registry.publish()
+            except Exception as e:
+                logger.warning(f"could not publish our expert record: {e}")
+            self._publish_heartbeat()
 
     def heartbeat(self) -> Heartbeat:
         stats, avg = self.trainer.stats, self.averager.stats()
@@ -363,8 +378,9 @@ class PeerDaemon:
     def shutdown(self) -> None:
         """Stop every part; safe to call twice and after a failed start."""
         self._stop.set()
-        if self._maintenance is not None:
-            self._maintenance.join(timeout=10)
+        for thread in (self._maintenance, self._heartbeat):
+            if thread is not None:
+                thread.join(timeout=10)
         parts = [getattr(self.dispatcher, "close", None), getattr(self.averager, "shutdown", None)]
         parts += [averager.shutdown for averager in self.expert_averagers.values()]
         parts += [getattr(self.server, "shutdown", None)]

@@ -190,7 +190,7 @@ def test_killed_peer_leaves_no_process_and_its_experts_are_taken_over(swarm):
     def taken_over():
         status = swarm.status()
         peers = swarm.by_name(status)
-        if "bob" in peers:
+        if "bob" in peers or not {"alice", "carol"} <= set(peers):  # a read can miss a record under load: retry
             return None
         survivors = set(peers["alice"]["experts"]) | set(peers["carol"]["experts"])
         return status if bob_experts <= survivors else None
