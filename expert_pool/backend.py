@@ -41,6 +41,20 @@ def make_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) ->
     raise ValueError(f"unknown optimizer {spec.name!r}: expected adam, adamw, adam8bit or sgd")
 
 
+def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError (naming ``what``) unless ``state`` holds exactly ``expected``'s names, each a tensor of the
+    same shape with finite values (a state received from a peer or a checkpoint, before it replaces ours)."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{what} does not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{what}: {name} must have shape {tuple(expected[name].shape)}, got {got}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{what}: {name} has NaN or Inf values")
+
+
 class ExpertBackend:
     """An expert this peer serves.
 
@@ -130,15 +144,7 @@ class ExpertBackend:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the expert's parameters (strict: same names and shapes, finite values); resets the optimizer."""
         own = self.module.state_dict()
-        if set(state) != set(own):
-            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            raise ValueError(f"state of {self.uid} does not match the expert: missing {missing}, unexpected {extra}")
-        for name, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.shape != own[name].shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state of {self.uid}: {name} must have shape {tuple(own[name].shape)}, got {got}")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"state of {self.uid}: {name} has NaN or Inf values")
+        check_state(own, state, f"state of {self.uid}")
         with self.lock:
             self.module.load_state_dict({name: value.to(own[name].dtype) for name, value in state.items()})
             self.optimizer.state.clear()

@@ -27,12 +27,13 @@ from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
 from swarmtrain.expert_pool.client import ExpertCallError, RemoteDispatcher, fetch_expert_state
 from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
+from swarmtrain.expert_pool.backend import check_state
 from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.peer.config import PeerOptions, parse_shard
 from swarmtrain.peer.data import DataSource
 from swarmtrain.peer.model import SwarmModel
-from swarmtrain.peer.seed import REPLICATED, check_named_tensors, load_named_tensors
+from swarmtrain.peer.seed import REPLICATED
 from swarmtrain.peer.trainer import Trainer, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -227,34 +228,38 @@ class PeerDaemon:
         coordinator's checkpoint, else the seeded init."""
         spec = self.manifest.model
         module = make_expert(uid, spec.hidden, spec.expert_ffn, self.manifest.seed)
-        params = dict(module.named_parameters())
+
+        def load(state: dict, what: str) -> None:
+            check_state(module.state_dict(), state, what)
+            module.load_state_dict(state)
+
         for host, _load in self.registry.hosts(uid):
             if host == self.peer_id:
                 continue
             try:
                 state = self.node.loop.run(fetch_expert_state(self.node.p2p, host, uid), timeout=30)
-                load_named_tensors(params, state, f"the replica of {uid} at {short_peer_id(host)}")
+                load(state, f"the replica of {uid} at {short_peer_id(host)}")
                 logger.info(f"expert {uid}: copied the state of the replica at {short_peer_id(host)}")
                 return module
             except Exception as e:
                 logger.warning(f"expert {uid}: could not copy the replica at {short_peer_id(host)}: {e}")
         if self.manifest.resumed_from is not None:
-            self._load_from_checkpoint(uid, lambda state: load_named_tensors(params, state, f"the checkpoint's {uid}"))
+            self._load_from_checkpoint(uid, lambda state: load(state, f"the checkpoint's {uid}"))
         return module
 
     def _load_replicated(self, state: dict) -> None:
         """Replace the replicated parameters with ``state`` (by name) through the averager's replica, which
         also resets what it derived from the old values (the outer optimizer's anchor in diloco mode)."""
         named = list(self.model.named_parameters())
-        check_named_tensors(dict(named), state, "the checkpoint's replicated parameters")
+        check_state(dict(named), state, "the checkpoint's replicated parameters")
         self.averager.load_parameters([state[name] for name, _ in named])
 
-    def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> bool:
+    def _load_from_checkpoint(self, uid: str, load: Callable[[dict], None]) -> None:
         """In a resumed run, start ``uid`` (an expert, or REPLICATED) from the coordinator's checkpoint when no live
-        peer had it; False (and a warning: we then start from the seeded init) if that fails."""
+        peer had it; if that fails, a warning (we then start from the seeded init)."""
         if self._seed_unreachable:
             logger.warning(f"{uid}: starting from the seeded init (the coordinator did not answer before)")
-            return False
+            return
         try:
             load(self.node.loop.run(fetch_expert_state(self.node.p2p, self.manifest.coordinator, uid), timeout=60))
         except Exception as e:
@@ -262,9 +267,8 @@ class PeerDaemon:
             self._seed_unreachable = not refused  # do not wait on an unreachable coordinator once per expert
             logger.warning(f"{uid}: could not load the resumed run's checkpoint from the coordinator, starting from "
                            f"the seeded init: {e}")
-            return False
+            return
         logger.info(f"{uid}: started from the checkpoint the coordinator resumed the run from")
-        return True
 
     def _release_replicas(self, hosted: set[str], served: dict[str, int], wanted: int) -> set[str]:
         """Stop hosting up to ``wanted`` experts that others also host, to make room for unserved ones.

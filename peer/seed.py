@@ -32,7 +32,6 @@ class CheckpointSeed:
 
     def __init__(self, checkpoint: Optional[Checkpoint], chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.checkpoint, self.chunk_bytes = checkpoint, chunk_bytes
-        self.served = 0  # state answers sent (for logs and tests)
         self._packed: dict[str, list[runtime_pb2.ExpertResponse]] = {}  # the checkpoint never changes: encode once
 
     async def add_handler(self, p2p: P2P) -> None:
@@ -53,7 +52,6 @@ class CheckpointSeed:
                 names = sorted(state)
                 messages = pack_response({"names": names}, [encode_tensor(state[n]) for n in names], self.chunk_bytes)
                 self._packed[call.uid] = messages
-            self.served += 1
             logger.info(f"sent the checkpoint's {call.uid} to {context.remote_id}")
         except WireError as e:
             messages = error_response(str(e))
@@ -68,23 +66,3 @@ class CheckpointSeed:
         if not state:
             raise WireError(f"the checkpoint has no state for {uid!r}")
         return state
-
-
-def check_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise ValueError unless ``state`` has exactly ``targets``' names, their shapes, and finite values."""
-    if set(state) != set(targets):
-        missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        raise ValueError(f"{what} does not match this model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, value in state.items():
-        if value.shape != targets[name].shape:
-            raise ValueError(f"{what}: {name} has shape {tuple(value.shape)}, expected {tuple(targets[name].shape)}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{what}: {name} has NaN or Inf values")
-
-
-def load_named_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Copy ``state`` into ``targets`` in place after :func:`check_named_tensors` (nothing changes if it fails)."""
-    check_named_tensors(targets, state, what)
-    with torch.no_grad():
-        for name, value in state.items():
-            targets[name].copy_(value.to(targets[name].dtype))
