@@ -20,6 +20,7 @@ from swarmtrain.averaging import protocol, rules
 from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, LocalDataError, WireError, decode, encode
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.replica import LocalReplica
+from swarmtrain.dht.budget import BULK, UploadBudget
 from swarmtrain.dht.streams import drain, linger
 
 MAX_CHUNK_ELEMS = 1 << 24  # a chunk larger than this is refused (64 MiB of float32)
@@ -30,14 +31,21 @@ class Rejected(Exception):
 
 
 class Meter:
-    """Payload bytes of averaging messages in each direction."""
+    """Payload bytes of averaging messages in each direction; outgoing messages of values are paced by the
+    peer's upload budget as bulk traffic (``paced``), so that expert calls keep the uplink's head room."""
 
-    def __init__(self):
+    def __init__(self, budget: Optional[UploadBudget] = None):
         self.sent = self.received = 0
+        self.budget = budget or UploadBudget(None)
 
     def out(self, message):
         self.sent += message.ByteSize()
         return message
+
+    async def paced(self, message):
+        """``out`` after waiting for this message's turn in the upload budget."""
+        await self.budget.take(message.ByteSize(), BULK)
+        return self.out(message)
 
     def inp(self, message):
         self.received += message.ByteSize()
@@ -79,14 +87,16 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield meter.out(hello)
         while (message := await outbox.get()) is not None:
-            yield meter.out(message)
+            yield await meter.paced(message)
 
-    stream = await asyncio.wait_for(stream_factory(requests()), spec.timeout_s)
+    # a partner answers the hello at once or not at all (a black-holed host): a short deadline for the handshake
+    handshake = min(deadline, asyncio.get_running_loop().time() + spec.connect_timeout_s)
+    stream = await asyncio.wait_for(stream_factory(requests()), spec.connect_timeout_s)
     sender: Optional[asyncio.Task] = None
     applied = False
     stage = "waiting for accept"
     try:
-        kind, meta, _ = protocol.parse(await _next(stream, meter, deadline), ("accept", "refuse"))
+        kind, meta, _ = protocol.parse(await _next(stream, meter, handshake), ("accept", "refuse"))
         if kind == "refuse":
             if meta.get("reason") in ("busy", "banned", "unchanged"):
                 return "unchanged" if meta.get("reason") == "unchanged" else "busy"
@@ -276,7 +286,7 @@ async def serve_state(replica: LocalReplica, request, meter: Meter) -> AsyncIter
     step = replica.spec.chunk_elems
     for lo in range(0, replica.numel, step):
         message, _ = encode(snapshot[lo : lo + step], "none")
-        yield meter.out(protocol.response("chunk", message, o=lo))
+        yield await meter.paced(protocol.response("chunk", message, o=lo))
     yield meter.out(protocol.response("done"))
     await linger(timeout=replica.spec.timeout_s)  # until the joining peer has read everything and closes
 

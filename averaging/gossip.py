@@ -26,6 +26,7 @@ from swarmtrain.averaging.exchange import Meter, Outcome, Rejected
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.rendezvous import Penalties, Rendezvous, choose_partners
 from swarmtrain.averaging.replica import LocalReplica, wire_order
+from swarmtrain.dht.budget import UploadBudget
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import AveragingSpec
@@ -107,6 +108,7 @@ class GossipAverager(ServicerBase):
         rendezvous: Optional[Rendezvous] = None,
         weight: float = 1.0,
         seed: Optional[int] = None,
+        budget: Optional[UploadBudget] = None,
     ):
         if node.p2p is None:
             raise ValueError("GossipAverager needs a SwarmNode started with its p2p handle (start_p2p=True)")
@@ -120,8 +122,9 @@ class GossipAverager(ServicerBase):
         self.replica.weight = float(weight)
         self.rendezvous = rendezvous if rendezvous is not None else Rendezvous(directory, ttl_s=ttl_s)
         self.namespace = f"swarmtrain.{node.run_id}.avg.{group}"
-        self.penalties = Penalties(base_s=min(2 * spec.period_s, 60.0))
-        self.meter = Meter()
+        # unreachable partners are retried within a few periods (a cut cable comes back); bad data bans for long
+        self.penalties = Penalties(base_s=min(2 * spec.period_s, 60.0), max_unreachable_s=max(2 * spec.period_s, 8.0))
+        self.meter = Meter(budget)
         self._rng = random.Random(seed)
         self._local_step = self._samples = 0
         self._session: Optional[object] = None  # token of the exchange in progress (either role)
@@ -224,8 +227,10 @@ class GossipAverager(ServicerBase):
             return
         except (asyncio.TimeoutError, StopAsyncIteration):
             return
-        if self.busy or not self._started or self._stopped or self.penalties.banned(remote):
-            reason = "banned" if self.penalties.banned(remote) else "busy"
+        # a peer we merely failed to reach is served (it reaches us now: e.g. its cable is back); one that sent bad
+        # data is refused until its ban ends
+        if self.busy or not self._started or self._stopped or self.penalties.distrusted(remote):
+            reason = "banned" if self.penalties.distrusted(remote) else "busy"
             yield self.meter.out(protocol.response("refuse", reason=reason))
             return
         if hello.get("unchanged_if") == [self.replica.version, self._local_step]:
@@ -240,7 +245,7 @@ class GossipAverager(ServicerBase):
         try:
             async for message in exchange.serve(self.replica, hello, requests, self.meter, outcome,
                                                 lambda: self._session is token, self._local_step, remote):
-                yield self.meter.out(message)
+                yield await self.meter.paced(message)
         finally:
             watchdog.cancel()
             logger.debug(f"averager {self.group}: served {remote}: {outcome.result} {outcome.error} "
@@ -340,7 +345,7 @@ class GossipAverager(ServicerBase):
                 version, step = partner["state"]
                 self._synced[peer] = (self._state(), (version + 1, step))
         except asyncio.TimeoutError as e:
-            outcome, why = "failed", f"no answer within {self.spec.timeout_s}s: {e}"
+            outcome, why = "failed", f"no answer in time: {e}"
         except LocalDataError as e:
             outcome, why = "local", str(e)
         except (Rejected, ProtocolError, WireError) as e:

@@ -81,27 +81,45 @@ class Rendezvous:
 
 class Penalties:
     """Which partners to skip for now. A strike bans a peer for ``base_s * 2 ** (strikes - 1)`` (at most
-    ``max_s``); a bad-tensor strike counts as ``severe`` strikes at once; a good exchange clears them."""
+    ``max_s``); a bad-tensor strike counts as ``severe`` strikes at once and also makes the peer ``distrusted``
+    (its own requests are refused) for as long; a good exchange clears them.
 
-    def __init__(self, base_s: float, max_s: float = 300.0, severe: int = 4):
-        self.base_s, self.max_s, self.severe = base_s, max_s, severe
+    A peer that only failed to answer (a dead or black-holed host, a timeout) is skipped for at most
+    ``max_unreachable_s``: it is retried soon, so a peer whose cable comes back rejoins within seconds, and its
+    own requests are served meanwhile (it evidently reaches us again).
+    """
+
+    def __init__(self, base_s: float, max_s: float = 300.0, severe: int = 4, max_unreachable_s: float = 300.0):
+        self.base_s, self.max_s, self.severe, self.max_unreachable_s = base_s, max_s, severe, max_unreachable_s
         self._strikes: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}
+        self._distrusted_until: dict[str, float] = {}
 
     def strike(self, peer: str, bad_data: bool = False) -> float:
         """Penalize ``peer``; returns how many seconds it is now skipped."""
         strikes = self._strikes.get(peer, 0) + (self.severe if bad_data else 1)
         self._strikes[peer] = strikes
         duration = min(self.max_s, self.base_s * 2 ** min(strikes - 1, 30))
-        self._banned_until[peer] = time.monotonic() + duration
-        return duration
+        if not bad_data:
+            duration = min(duration, self.max_unreachable_s)
+        until = time.monotonic() + duration
+        self._banned_until[peer] = max(until, self._banned_until.get(peer, 0.0))
+        if bad_data:
+            self._distrusted_until[peer] = until
+        return self._banned_until[peer] - time.monotonic()
 
     def forgive(self, peer: str) -> None:
         self._strikes.pop(peer, None)
         self._banned_until.pop(peer, None)
+        self._distrusted_until.pop(peer, None)
 
     def banned(self, peer: str) -> bool:
+        """Skip ``peer`` when choosing partners."""
         return time.monotonic() < self._banned_until.get(peer, 0.0)
+
+    def distrusted(self, peer: str) -> bool:
+        """Refuse exchanges ``peer`` starts: it sent bad data."""
+        return time.monotonic() < self._distrusted_until.get(peer, 0.0)
 
 
 def choose_partners(candidates: list[str], last_met: dict[str, float], rng: random.Random, limit: int = 3,

@@ -71,7 +71,9 @@ class AveragingSpec(_Strict):
     """How peers keep replicated parameters in agreement (see swarmtrain.averaging)."""
 
     period_s: Finite = Field(4.0, gt=0, le=3600)
-    timeout_s: Finite = Field(20.0, gt=0, le=3600)
+    timeout_s: Finite = Field(20.0, gt=0, le=3600)  # an exchange that stops progressing this long is given up
+    # the partner must answer our hello within this: a black-holed partner costs seconds, not timeout_s
+    connect_timeout_s: Finite = Field(3.0, gt=0, le=600)
     # wire encoding of exchanges: float32, float16, or 8-bit blockwise (tensors < 4096 elements as float16)
     codec: Literal["none", "fp16", "8bit"] = "8bit"
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 4096
@@ -113,7 +115,12 @@ class ExpertPoolSpec(_Strict):
     # at most capacity_factor * rows * k / live experts rows go to one expert per call (first choices first);
     # the rest of that expert's share is dropped and the row's gate weights renormalised. None: no limit
     capacity_factor: Optional[Finite] = Field(2.0, ge=1.0)
-    wire_codec: Literal["none", "fp16", "blockwise8"] = "none"  # activations/grads on the wire (expert_pool.codec)
+    # activations/grads on the wire (expert_pool.codec); "auto": per host link, blockwise8 unless the link is
+    # measured faster than the codec (expert_pool.links.wire_codec)
+    wire_codec: Literal["auto", "none", "fp16", "blockwise8"] = "auto"
+    # communication-aware routing: the gate subtracts this x the call cost (0 here, up to 1 for a slow or unknown
+    # link; expert_pool.links.call_cost) from an expert's logit when choosing the top-k; 0: off
+    comm_cost_weight: Finite = Field(4.0, ge=0, le=100)
 
 
 class DatasetSpec(_Strict):

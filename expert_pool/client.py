@@ -29,10 +29,12 @@ from typing import Optional, Sequence
 import torch
 from hivemind.p2p import P2P, PeerID
 
+from swarmtrain.dht.budget import UploadBudget
 from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import Manifest
 from swarmtrain.dht.uids import make_uid
 from swarmtrain.expert_pool.codec import all_finite, check_codec, decode_tensor, encode_tensor
+from swarmtrain.expert_pool.links import LinkPolicy, LinkTable
 from swarmtrain.expert_pool.registry import ExpertRegistry
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.expert_pool.session import SessionPool
@@ -84,9 +86,12 @@ class DispatchStats:
     backward_calls: int = 0
     backward_failures: int = 0  # backward calls whose rows got zero gradient
     local_calls: int = 0
+    remote_forward_calls: int = 0  # forward calls that crossed the network (the rest ran in-process)
     resent: int = 0  # backward calls that had to resend x because the host no longer kept the activations
     bytes_sent: int = 0  # tensor payload bytes of remote requests (after the wire codec)
     bytes_received: int = 0
+    timeouts: int = 0  # calls given up on a host that answered nothing meanwhile (it was then banned)
+    slow: int = 0  # calls given up on a host that kept answering others (slow, not banned)
     last_error: str = ""  # the latest failure, "<verb> <uid>: <reason>"
 
 
@@ -143,7 +148,10 @@ class RemoteDispatcher:
     :param manifest: the run manifest (hidden size, ``expert_pool.timeout_s``, wire codec)
     :param local_server: this peer's own expert server; its experts are called in-process
     :param timeout_s: per-expert call timeout (default ``manifest.expert_pool.timeout_s``)
-    :param codec: wire codec (default ``manifest.expert_pool.wire_codec``)
+    :param codec: wire codec (default ``manifest.expert_pool.wire_codec``; ``"auto"`` chooses per host link)
+    :param bans: which hosts to skip for now (default: 0.5 s doubling to at most 8 s per failure)
+    :param links: per-host link estimates that set deadlines, hedging, codecs and routing costs
+    :param budget: this peer's upload budget (expert requests are interactive traffic)
 
     Example::
 
@@ -161,16 +169,22 @@ class RemoteDispatcher:
         timeout_s: Optional[float] = None,
         codec: Optional[str] = None,
         bans: Optional[HostBans] = None,
+        links: Optional[LinkTable] = None,
+        budget: Optional[UploadBudget] = None,
     ):
         self.p2p, self.loop, self.registry, self.manifest = p2p, loop, registry, manifest
         self.local_server = local_server
         self.hidden = manifest.model.hidden
         self.timeout_s = float(timeout_s if timeout_s is not None else manifest.expert_pool.timeout_s)
-        self.codec = check_codec(codec or manifest.expert_pool.wire_codec)
-        self.bans = bans or HostBans()
+        self.codec = codec or manifest.expert_pool.wire_codec
+        if self.codec != "auto":
+            check_codec(self.codec)
+        # a host that answers nothing is retried soon (a cut cable may come back), never after more than 8 s
+        self.bans = bans or HostBans(base_s=0.5, max_s=8.0)
+        self.links = links or LinkTable(LinkPolicy(max_deadline_s=self.timeout_s))
         self.stats = DispatchStats()
         self.my_peer_id = registry.directory.peer_id
-        self._sessions = SessionPool(p2p)
+        self._sessions = SessionPool(p2p, budget, on_late=self.links.observe_late)
 
     def close(self) -> None:
         """Close the sessions to hosts (they are also dropped when the p2p replica shuts down)."""
@@ -180,6 +194,18 @@ class RemoteDispatcher:
         """Bool ``[num_experts]``: hosted here, or by a live remote host that is not banned."""
         uids = [make_uid(modality, layer, i) for i in range(num_experts)]
         return torch.tensor([self._callable(uid) for uid in uids], dtype=torch.bool)
+
+    def call_costs(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
+        """Float ``[num_experts]``: 0 for experts hosted here, else the link cost of the cheapest live host
+        (``LinkTable.cost``: 1 for a slow or unmeasured link, down to 0.25 for a fast one)."""
+        costs = []
+        for i in range(num_experts):
+            uid = make_uid(modality, layer, i)
+            if self._hosted_here(uid):
+                costs.append(0.0)
+            else:
+                costs.append(min((self.links.cost(host) for host in self._remote_hosts(uid)), default=1.0))
+        return torch.tensor(costs)
 
     def dispatch(
         self, x: torch.Tensor, expert_idx: torch.Tensor, modality: str, layer: int
@@ -273,62 +299,124 @@ class RemoteDispatcher:
     async def _call_remote(
         self, verb: str, route: _Route, tensors: tuple[torch.Tensor, ...], keep: bool = False
     ) -> Optional[torch.Tensor]:
+        """One expert call: a backward to the host that answered the forward; a forward to the best-placed host
+        (cheapest link, then least loaded), hedged to the next one when it is late (``LinkTable.hedge_after``).
+        Each attempt has its own deadline from the host's measured latency (``LinkTable.deadline``), all of
+        them together at most ``timeout_s``."""
         deadline = time.monotonic() + self.timeout_s
-        hosts = [route.host] if verb == "backward" else self._remote_hosts(route.uid)
+        if verb == "backward":
+            hosts = [route.host]
+        else:
+            self.stats.remote_forward_calls += 1
+            hosts = sorted(self._remote_hosts(route.uid), key=self.links.cost)  # stable: least loaded among equals
         if not hosts:
             route.error = "no live host"
-        encoded = None
-        for host in hosts:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                if verb == "backward" and route.saved is not None:
-                    output = await asyncio.wait_for(self._backward_from_saved(host, route, tensors), remaining)
-                else:
-                    encoded = encoded or [encode_tensor(t, self.codec) for t in tensors]
-                    meta = {"codec": self.codec, "keep": True} if keep else {"codec": self.codec}
-                    reply, (output,) = await asyncio.wait_for(
-                        self._call_on_session(host, verb, route.uid, meta, encoded), remaining
-                    )
-                    saved = reply.get("saved")
-                    route.saved = saved if keep and isinstance(saved, int) and not isinstance(saved, bool) else None
-                if output.shape != tensors[0].shape or output.dtype != torch.float32:
-                    raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
-                self.bans.success(host, route.uid)
-                route.host = host
-                return output
-            except Exception as e:
-                refused = isinstance(e, ExpertCallError) and e.refused
-                route.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                ban = self.bans.failure(host, route.uid if refused else None)
-                logger.warning(f"{verb} of {route.uid} at {host[-6:]} failed ({route.error}); banned for {ban:.0f}s")
+            return None
+        attempts: dict[asyncio.Task, str] = {}
+        encoded: dict[str, list] = {}  # by codec, so that a hedge to a host on the same kind of link reuses it
+        pending = list(hosts)
+        newest = hosts[0]
+        try:
+            while pending or attempts:
+                if pending and (not attempts or verb == "forward"):
+                    newest = pending.pop(0)
+                    task = asyncio.ensure_future(self._attempt(verb, route, newest, tensors, keep, encoded, deadline))
+                    attempts[task] = newest
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    route.error = route.error or f"no answer within {self.timeout_s}s"
+                    return None
+                wait_s = min(remaining, self.links.hedge_after(newest)) if pending else remaining
+                done, _ = await asyncio.wait(set(attempts), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    host = attempts.pop(finished)
+                    output = finished.result()
+                    if output is not None:
+                        route.host = host
+                        return output
+        finally:
+            for task in attempts:
+                task.cancel()
         return None
 
-    async def _backward_from_saved(self, host: str, route: _Route, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    async def _attempt(self, verb: str, route: _Route, host: str, tensors: tuple[torch.Tensor, ...], keep: bool,
+                       encoded: dict, overall_deadline: float) -> Optional[torch.Tensor]:
+        """One call of ``route`` at ``host`` within the host's own deadline; None (and ``route.error``) on failure.
+        A host that answered nothing at all while we waited is banned (a black hole or a dead host); one that
+        answers late while it keeps answering is only slow: its deadlines grow from the late answers."""
+        codec = self.links.codec(host, self.codec)
+        nbytes = sum(t.numel() * (1 if codec == "blockwise8" else 4) for t in tensors) * 2
+        budget_s = min(self.links.deadline(host, nbytes), overall_deadline - time.monotonic())
+        started = time.monotonic()
+        try:
+            if verb == "backward" and route.saved is not None:
+                output, served_s, moved = await asyncio.wait_for(
+                    self._backward_from_saved(host, route, tensors, codec), budget_s)
+            else:
+                if codec not in encoded:
+                    encoded[codec] = [encode_tensor(t, codec) for t in tensors]
+                meta = {"codec": codec, "keep": True} if keep else {"codec": codec}
+                reply, (output,), moved = await asyncio.wait_for(
+                    self._call_on_session(host, verb, route.uid, meta, encoded[codec]), budget_s)
+                served_s = reply.get("served_s", 0.0)
+                saved = reply.get("saved")
+                if verb == "forward":
+                    route.saved = saved if keep and isinstance(saved, int) and not isinstance(saved, bool) else None
+            if output.shape != tensors[0].shape or output.dtype != torch.float32:
+                raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
+            elapsed = time.monotonic() - started
+            self.links.observe(host, elapsed, moved, served_s if isinstance(served_s, (int, float)) else 0.0)
+            self.bans.success(host, route.uid)
+            return output
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            refused = isinstance(e, ExpertCallError) and e.refused
+            route.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if isinstance(e, asyncio.TimeoutError):
+                route.error = f"no answer from {host[-6:]} within {budget_s:.2f}s"
+                session = self._sessions.peek(host)
+                if session is not None and session.last_heard > started:
+                    self.stats.slow += 1  # alive, only slow: no ban, its late answer widens its deadline
+                    logger.info(f"{verb} of {route.uid} at {host[-6:]} is late ({route.error}); the host is slow")
+                    return None
+                self.stats.timeouts += 1
+            ban = self.bans.failure(host, route.uid if refused else None)
+            logger.warning(f"{verb} of {route.uid} at {host[-6:]} failed ({route.error}); banned for {ban:.0f}s")
+            return None
+
+    async def _backward_from_saved(
+        self, host: str, route: _Route, tensors: tuple[torch.Tensor, ...], codec: str
+    ) -> tuple[torch.Tensor, float, int]:
         """Backward quoting the host's kept activations: sends ``grad_out`` only; if the host has dropped them
-        (expired, evicted, restarted) it says so and the call is repeated with ``x`` (recomputed forward)."""
+        (expired, evicted, restarted) it says so and the call is repeated with ``x`` (recomputed forward).
+        Returns (input gradient, the host's compute seconds, bytes moved)."""
         x, grad_out = tensors
         number, route.saved = route.saved, None
         try:
-            meta = {"codec": self.codec, "saved": number}
-            encoded = [encode_tensor(grad_out, self.codec)]
-            return (await self._call_on_session(host, "backward", route.uid, meta, encoded))[1][0]
+            meta = {"codec": codec, "saved": number}
+            reply, (grad,), moved = await self._call_on_session(
+                host, "backward", route.uid, meta, [encode_tensor(grad_out, codec)])
         except ExpertCallError as e:
             if not e.resend:
                 raise
             self.stats.resent += 1
-            encoded = [encode_tensor(t, self.codec) for t in (x, grad_out)]
-            return (await self._call_on_session(host, "backward", route.uid, {"codec": self.codec}, encoded))[1][0]
+            encoded = [encode_tensor(t, codec) for t in (x, grad_out)]
+            reply, (grad,), moved = await self._call_on_session(host, "backward", route.uid, {"codec": codec}, encoded)
+        return grad, reply.get("served_s", 0.0), moved
 
     async def _call_on_session(
         self, host: str, verb: str, uid: str, meta: dict, encoded: list
-    ) -> tuple[dict, list[torch.Tensor]]:
+    ) -> tuple[dict, list[torch.Tensor], int]:
+        """One call on the session to ``host``: (reply metadata, tensors, payload bytes moved both ways)."""
         session = await self._sessions.get(host)
-        self.stats.bytes_sent += sum(len(proto.buffer) for proto in encoded)
+        sent = sum(len(proto.buffer) for proto in encoded)
+        self.stats.bytes_sent += sent
         call = await session.call(verb, uid, meta, encoded)
-        self.stats.bytes_received += sum(len(proto.buffer) for proto in call.tensors)
-        return _unpack_response(verb, host, call)
+        received = sum(len(proto.buffer) for proto in call.tensors)
+        self.stats.bytes_received += received
+        meta, tensors = _unpack_response(verb, host, call)
+        return meta, tensors, sent + received
 
 
 class _DispatchFunction(torch.autograd.Function):

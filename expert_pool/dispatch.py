@@ -22,6 +22,10 @@ class ExpertDispatcher(Protocol):
     def live_mask(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
         """Bool ``[num_experts]``: which experts of this (modality, layer) can be called right now."""
 
+    def call_costs(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
+        """Float ``[num_experts]`` in ``[0, 1]``: what calling each expert costs in communication (0: in-process,
+        1: a slow or unmeasured link); the gate prefers cheap experts by this much (communication-aware routing)."""
+
     def dispatch(
         self, x: torch.Tensor, expert_idx: torch.Tensor, modality: str, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +43,9 @@ class LocalDispatcher:
 
     def live_mask(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
         return torch.tensor([make_uid(modality, layer, i) in self.experts for i in range(num_experts)])
+
+    def call_costs(self, modality: str, layer: int, num_experts: int) -> torch.Tensor:
+        return torch.zeros(num_experts)  # every expert is in-process
 
     def dispatch(
         self, x: torch.Tensor, expert_idx: torch.Tensor, modality: str, layer: int

@@ -55,6 +55,29 @@ def choose_experts_to_host(all_uids: list[str], served: dict[str, int], max_expe
     return ranked[:max_experts]
 
 
+def coverage_gaps(all_uids: list[str], hosted: Iterable[str], served: dict[str, int], per_group: int,
+                  capacity: int, peer_id: str) -> list[str]:
+    """Replicas this peer should add so that it hosts ``per_group`` experts of every (modality, layer) group of
+    ``all_uids`` (the experts of its modalities), at most ``capacity`` of them, least-served first.
+
+    With ``per_group = top_k`` every layer can run from this peer's own experts: communication-aware routing
+    then keeps most calls in-process (a home uplink carries averaging, not activations), and a peer cut off
+    from the swarm keeps training on them. Groups with the fewest hosted experts are filled first.
+    """
+    hosted = set(hosted)
+    groups: dict[tuple, list[str]] = {}
+    for uid in dict.fromkeys(all_uids):
+        parsed = parse_uid(uid)
+        groups.setdefault((parsed.modality, parsed.layer), []).append(uid)
+    wanted: list[tuple[int, int, str]] = []  # (rank within its group's gap, hosted in group, uid)
+    for members in groups.values():
+        have = sum(uid in hosted for uid in members)
+        candidates = [uid for uid in members if uid not in hosted]
+        picks = choose_experts_to_host(candidates, served, max(0, per_group - have), peer_id)
+        wanted += [(rank, have, uid) for rank, uid in enumerate(picks)]
+    return [uid for _, _, uid in sorted(wanted)][:max(0, capacity)]
+
+
 class ExpertRegistry:
     """This peer's view of who hosts which expert: publishes our ExpertsRecord, keeps a TTL-cached view of all.
 

@@ -32,12 +32,14 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from typing import AsyncIterator, Mapping, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from swarmtrain.dht.budget import BULK, INTERACTIVE, UploadBudget
 from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import ExpertLoad, Manifest
 from swarmtrain.dht.streams import linger
@@ -100,8 +102,10 @@ class ExpertServer(ServicerBase):
         max_wait_s: float = 0.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         activation_cache_bytes: int = DEFAULT_MAX_BYTES,
+        budget: Optional[UploadBudget] = None,
     ):
         self.p2p, self.loop, self.manifest = p2p, loop, manifest
+        self.budget = budget or UploadBudget(None)  # answers are interactive traffic
         self.hidden = manifest.model.hidden
         self.max_rows = int(max_rows or manifest.expert_pool.max_batch_rows)
         if self.max_rows < 1:
@@ -264,6 +268,7 @@ class ExpertServer(ServicerBase):
         reader = asyncio.create_task(read())
         try:
             while (message := await outgoing.get()) is not None:
+                await self.budget.take(message.ByteSize(), INTERACTIVE)
                 yield message
         finally:
             reader.cancel()
@@ -282,6 +287,7 @@ class ExpertServer(ServicerBase):
         except (WireError, ExpertRequestError) as e:
             messages = error_response(str(e))
         for message in messages:
+            await self.budget.take(message.ByteSize(), BULK)
             yield message
         await linger(requests, DRAIN_TIMEOUT_S)
 
@@ -303,6 +309,7 @@ class ExpertServer(ServicerBase):
         ``tag`` is added to the response metadata (the session call id)."""
         tag = tag or {}
         caller = str(context.remote_id)
+        started = time.perf_counter()
         try:
             backend = self._backend(call.uid)
             codec = check_codec(call.meta.get("codec", "none"))
@@ -333,6 +340,7 @@ class ExpertServer(ServicerBase):
             else:
                 output = await queue.submit(verb, tensors)
             meta["version"] = backend.steps
+            meta["served_s"] = round(time.perf_counter() - started, 6)  # lets the caller tell compute from the link
             return pack_response(meta, [encode_tensor(output, codec)], self.chunk_bytes)
         except (WireError, ExpertRequestError) as e:
             return self._refuse(verb, str(e), context, tag)

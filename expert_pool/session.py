@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import AsyncIterator, Optional
+import time
+from typing import AsyncIterator, Callable, Optional
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from swarmtrain.dht.budget import INTERACTIVE, UploadBudget
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.expert_pool.wire import Call, iter_calls, pack_request
 
@@ -38,11 +40,21 @@ class HostSession:
 
     :param p2p: this peer's p2p replica
     :param peer_id: the host's base58 peer id
+    :param budget: this peer's upload budget (requests are interactive traffic)
+    :param on_late: called with the seconds an answer took when it arrives after its call gave up
+
+    ``last_heard`` is the time (``time.monotonic()``) the host last sent anything on this session: a call that
+    times out while the host keeps answering others is a slow host, not a dead one.
     """
 
-    def __init__(self, p2p: P2P, peer_id: str):
+    def __init__(self, p2p: P2P, peer_id: str, budget: Optional[UploadBudget] = None,
+                 on_late: Optional[Callable[[float], None]] = None):
         self.p2p, self.peer_id = p2p, peer_id
+        self.budget = budget or UploadBudget(None)
+        self.on_late = on_late
+        self.last_heard = time.monotonic()
         self._pending: dict[int, asyncio.Future] = {}
+        self._sent_at: dict[int, float] = {}  # calls in flight or given up, by id: when they were sent
         self._ids = itertools.count()
         self._write_lock = asyncio.Lock()
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -66,7 +78,11 @@ class HostSession:
         try:
             async with self._write_lock:  # the messages of one call go out back to back
                 for message in pack_request(uid, {**meta, "id": call_id, "verb": verb}, tensors):
+                    await self.budget.take(message.ByteSize(), INTERACTIVE)
                     await P2P.send_protobuf(message, self._writer)
+            self._sent_at[call_id] = time.monotonic()
+            while len(self._sent_at) > 4096:  # answers that never came: forget the oldest
+                self._sent_at.pop(next(iter(self._sent_at)))
             return await future
         except (ConnectionError, OSError) as e:
             self._fail_all(f"{type(e).__name__}: {e}")
@@ -90,9 +106,13 @@ class HostSession:
         reason = "the host closed the session"
         try:
             async for response in iter_calls(self._receive(reader)):
-                future = self._pending.get(response.meta.get("id"))
+                call_id = response.meta.get("id")
+                sent_at = self._sent_at.pop(call_id, None) if isinstance(call_id, int) else None
+                future = self._pending.get(call_id)
                 if future is not None and not future.done():
                     future.set_result(response)
+                elif sent_at is not None and self.on_late is not None:
+                    self.on_late(time.monotonic() - sent_at)
         except asyncio.CancelledError:
             reason = "session closed by this peer"
             raise
@@ -102,8 +122,7 @@ class HostSession:
             self._fail_all(reason)
             self._writer.close()
 
-    @staticmethod
-    async def _receive(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def _receive(self, reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         while True:
             try:
                 response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
@@ -111,6 +130,7 @@ class HostSession:
                 return
             if error is not None:
                 raise SessionError(f"the host's session handler failed: {error.message}")
+            self.last_heard = time.monotonic()
             yield response
 
     def _fail_all(self, reason: str) -> None:
@@ -125,8 +145,9 @@ class HostSession:
 class SessionPool:
     """Open sessions of this peer, one per host, created on first use and replaced when broken."""
 
-    def __init__(self, p2p: P2P):
-        self.p2p = p2p
+    def __init__(self, p2p: P2P, budget: Optional[UploadBudget] = None,
+                 on_late: Optional[Callable[[str, float], None]] = None):
+        self.p2p, self.budget, self.on_late = p2p, budget, on_late
         self._sessions: dict[str, HostSession] = {}
         self._opening: dict[str, asyncio.Future] = {}
 
@@ -141,6 +162,11 @@ class SessionPool:
             self._opening[peer_id] = opening
         return await asyncio.shield(opening)
 
+    def peek(self, peer_id: str) -> Optional[HostSession]:
+        """The open session to ``peer_id`` if there is one (does not open one)."""
+        session = self._sessions.get(peer_id)
+        return session if session is not None and not session.closed else None
+
     async def discard(self, peer_id: str) -> None:
         """Close and forget the session to ``peer_id`` (after it failed a call)."""
         session = self._sessions.pop(peer_id, None)
@@ -154,7 +180,8 @@ class SessionPool:
 
     async def _open(self, peer_id: str) -> HostSession:
         try:
-            session = HostSession(self.p2p, peer_id)
+            on_late = None if self.on_late is None else (lambda seconds: self.on_late(peer_id, seconds))
+            session = HostSession(self.p2p, peer_id, self.budget, on_late)
             await session.open()
             self._sessions[peer_id] = session
             return session

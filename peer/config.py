@@ -78,12 +78,18 @@ class PeerOptions(NetworkOptions):
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N")
     public_name: str = option("", "name shown on the dashboard (max 64 characters)")
     max_experts: int = option(8, "most experts this peer hosts")
+    max_upload_mbps: float = option(
+        0.0, "your uplink in Mbit/s: expert calls first, then averaging, are paced to stay under it, which keeps your "
+             "router's queue empty (0: no pacing; set it on home links, e.g. 20)")
     data: Optional[str] = option(None, "folder with your own data (text files, images in class folders, WAV files)")
     data_shard: str = option("auto", "which shard of the data to train on: INDEX/COUNT, or auto (from the peer id)")
     batch_size: int = option(0, "samples per step (0: the manifest's)")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     client_mode: bool = option(False, "do not accept incoming connections (behind NAT without port forwarding)")
     max_steps: int = option(0, "stop after this many training steps (0: run until stopped)")
+    progress_file: Optional[str] = option(
+        None, "append one JSON line per training step to this file (time, steps, samples, losses, averaging "
+              "rounds, expert calls and bytes): for monitoring scripts and benchmarks")
     manifest_timeout_s: float = option(60.0, "how long to wait for the coordinator's manifest")
     bootstrap_attempts: int = option(6, "tries to reach the initial peers (exponential backoff, at most 10 s apart)")
 
@@ -98,6 +104,8 @@ class PeerOptions(NetworkOptions):
             raise OptionsError("--public-name is longer than 64 characters")
         if self.max_experts < 0 or self.batch_size < 0 or self.threads < 0 or self.max_steps < 0:
             raise OptionsError("--max-experts, --batch-size, --threads and --max-steps must be >= 0")
+        if not (self.max_upload_mbps == 0 or 0.1 <= self.max_upload_mbps <= 100_000):
+            raise OptionsError("--max-upload-mbps must be 0 (no limit) or between 0.1 and 100000 Mbit/s")
         if self.manifest_timeout_s <= 0 or self.bootstrap_attempts < 1:
             raise OptionsError("--manifest-timeout-s must be > 0 and --bootstrap-attempts >= 1")
         if self.data is not None and not os.path.isdir(self.data):

@@ -9,6 +9,7 @@ Flow of data: this module -> expert_pool (serve / call experts), averaging (repl
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -20,13 +21,14 @@ import torch
 
 from swarmtrain.averaging.gossip import GossipAverager
 from swarmtrain.averaging.rendezvous import Rendezvous
+from swarmtrain.dht.budget import UploadBudget
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
 from swarmtrain.dht.node import SwarmNode
 from swarmtrain.dht.records import Heartbeat, Manifest, short_peer_id
 from swarmtrain.expert_pool.client import ExpertCallError, RemoteDispatcher, fetch_expert_state
-from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host
+from swarmtrain.expert_pool.registry import ExpertRegistry, choose_experts_to_host, coverage_gaps
 from swarmtrain.expert_pool.backend import check_state
 from swarmtrain.expert_pool.expert import ExpertFFN, make_expert
 from swarmtrain.expert_pool.server import ExpertServer
@@ -98,6 +100,7 @@ class PeerDaemon:
         self._maintenance: Optional[threading.Thread] = None
         self._heartbeat: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self.budget = UploadBudget(None)
         self._seed_unreachable = False  # the coordinator of a resumed run failed to answer a checkpoint request
         self.started_at = time.time()
 
@@ -133,21 +136,24 @@ class PeerDaemon:
             raise ManifestError(f"--modalities {foreign} are not part of run {manifest.run_id!r} ({manifest.modalities})")
 
         self.data = self._load_data(manifest)
-        self.server = ExpertServer(self.node.p2p, self.node.loop, manifest)
+        self.budget = UploadBudget(opts.max_upload_mbps or None)
+        if self.budget.limited:
+            logger.info(f"pacing uploads to {opts.max_upload_mbps:g} Mbit/s (expert calls first, averaging after)")
+        self.server = ExpertServer(self.node.p2p, self.node.loop, manifest, budget=self.budget)
         self.server.start()
         ttl = manifest.training.heartbeat_ttl_s
         self.registry = ExpertRegistry(self.directory, self.server, ttl_s=ttl)
         self._host_experts(initial=True)
 
         self.dispatcher = RemoteDispatcher(
-            self.node.p2p, self.node.loop, self.registry, manifest, local_server=self.server
+            self.node.p2p, self.node.loop, self.registry, manifest, local_server=self.server, budget=self.budget
         )
         self.model = SwarmModel(manifest, self.dispatcher).to(self.device)
         self.lock = threading.Lock()
         self.rendezvous = Rendezvous(self.directory, ttl_s=ttl)  # one DHT record for all of this peer's groups
         self.averager = GossipAverager(
             self.node, self.directory, [p.data for p in self.model.parameters()], self.lock, manifest.averaging,
-            ttl_s=ttl, rendezvous=self.rendezvous,
+            ttl_s=ttl, rendezvous=self.rendezvous, budget=self.budget,
         )
         if self.averager.load_state_from_peers():
             logger.info("copied the current replicated parameters from a live peer")
@@ -184,6 +190,8 @@ class PeerDaemon:
         Coverage first: experts that nobody serves are always taken while there is capacity. On joining, a peer
         also takes replicas of the least-served experts up to its fair share (experts / hosting peers), so that
         the first volunteer does not grab everything; later it only takes over experts that lost all hosts.
+        Then, capacity permitting, replicas so that it hosts ``top_k`` experts of each of its (modality, layer)
+        groups (``coverage_gaps``): its calls can then stay in-process on a slow uplink.
         """
         self.registry.refresh()
         uids = self.manifest.expert_uids(self.modalities)
@@ -203,6 +211,9 @@ class PeerDaemon:
             if room > 0:
                 replicas = [uid for uid in uids if uid not in hosted and uid not in chosen]
                 chosen += choose_experts_to_host(replicas, served, room, self.peer_id)
+        # then enough replicas to run every layer locally (communication-aware routing, training while cut off)
+        chosen += coverage_gaps(uids, hosted | set(chosen), served, self.manifest.expert_pool.top_k,
+                                capacity - len(chosen), self.peer_id)
         for uid in chosen:  # the state is in place before the expert goes live (our own trainer calls it at once)
             self.server.add_expert(uid, self._starting_expert(uid))
         if chosen:
@@ -216,7 +227,7 @@ class PeerDaemon:
             averager = GossipAverager(
                 self.node, self.directory, [p.data for p in self.server.module(uid).parameters()],
                 self.server.expert_lock(uid), self.manifest.averaging, group=uid,
-                ttl_s=self.manifest.training.heartbeat_ttl_s, rendezvous=self.rendezvous,
+                ttl_s=self.manifest.training.heartbeat_ttl_s, rendezvous=self.rendezvous, budget=self.budget,
             )
             averager.start()
             self.expert_averagers[uid] = averager
@@ -293,29 +304,53 @@ class PeerDaemon:
             pass
         self._publish_heartbeat()
         last_eval = last_log = time.monotonic()
-        while not stop.is_set():
-            try:
-                self.trainer.step()
-            except RuntimeError as e:  # e.g. fewer than k_min experts live: wait for the swarm, do not crash
-                logger.warning(f"training step failed: {e}")
-                stop.wait(1.0)
-                continue
-            stats = self.trainer.stats
-            if opts.max_steps and stats.steps >= opts.max_steps:
-                break
-            now = time.monotonic()
-            if now - last_eval >= training.eval_every_s:
-                self._evaluate()
-                last_eval = now
-            if now - last_log >= 10:
-                avg = self.averager.stats()
-                logger.info(
-                    f"step {stats.steps} loss {_fmt(stats.loss)} val {_fmt(stats.val_loss)} "
-                    f"{stats.samples_per_s:.1f} samples/s, averaging rounds {avg.rounds} (failed {avg.failures})"
-                )
-                last_log = now
+        progress = open(opts.progress_file, "a", buffering=1) if opts.progress_file else None
+        try:
+            while not stop.is_set():
+                try:
+                    self.trainer.step()
+                except RuntimeError as e:  # e.g. fewer than k_min experts live: wait for the swarm, do not crash
+                    logger.warning(f"training step failed: {e}")
+                    stop.wait(1.0)
+                    continue
+                stats = self.trainer.stats
+                if progress is not None:
+                    progress.write(json.dumps(self._progress()) + "\n")
+                if opts.max_steps and stats.steps >= opts.max_steps:
+                    break
+                now = time.monotonic()
+                if now - last_eval >= training.eval_every_s:
+                    self._evaluate()
+                    last_eval = now
+                if now - last_log >= 10:
+                    self._log_progress()
+                    last_log = now
+        finally:
+            if progress is not None:
+                progress.close()
         self._evaluate()
         self._publish_heartbeat()
+
+    def _progress(self) -> dict:
+        """One line of ``--progress-file``: where training stands right after a step."""
+        stats, avg, calls = self.trainer.stats, self.averager.stats(), self.dispatcher.stats
+        return {
+            "t": time.time(), "steps": stats.steps, "samples": stats.samples, "loss": _finite(stats.loss),
+            "val_loss": _finite(stats.val_loss), "averaging_rounds": avg.rounds, "averaging_failures": avg.failures,
+            "averaging_bytes": avg.bytes_sent + avg.bytes_received,
+            "expert_averaging_rounds": sum(a.stats().rounds for a in list(self.expert_averagers.values())),
+            "forward_calls": calls.forward_calls, "remote_forward_calls": calls.remote_forward_calls,
+            "call_timeouts": calls.timeouts, "expert_bytes": calls.bytes_sent + calls.bytes_received,
+        }
+
+    def _log_progress(self) -> None:
+        stats, avg, calls = self.trainer.stats, self.averager.stats(), self.dispatcher.stats
+        logger.info(
+            f"step {stats.steps} loss {_fmt(stats.loss)} val {_fmt(stats.val_loss)} "
+            f"{stats.samples_per_s:.1f} samples/s, averaging rounds {avg.rounds} (failed {avg.failures}), "
+            f"expert forward calls {calls.forward_calls} ({calls.remote_forward_calls} remote, "
+            f"{calls.timeouts} timed out, {calls.slow} late)"
+        )
 
     def _evaluate(self) -> None:
         try:

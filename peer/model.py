@@ -71,7 +71,7 @@ class SwarmModel(nn.Module):
             experts = {m: manifest.experts_per_layer[m] for m in self.modalities}
             self.blocks = nn.ModuleList(
                 Block(spec, layer, experts, manifest.expert_pool.top_k, manifest.expert_pool.k_min,
-                      manifest.expert_pool.capacity_factor)
+                      manifest.expert_pool.capacity_factor, manifest.expert_pool.comm_cost_weight)
                 for layer in range(spec.layers)
             )
             self.ln_f = nn.LayerNorm(spec.hidden)
@@ -175,13 +175,14 @@ class Block(nn.Module):
     """Pre-norm transformer block: shared causal/bidirectional self-attention, then a per-modality MoE FFN."""
 
     def __init__(self, spec: ModelSpec, layer: int, experts: dict[str, int], top_k: int, k_min: int,
-                 capacity_factor: Optional[float] = None):
+                 capacity_factor: Optional[float] = None, comm_cost_weight: float = 0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(spec.hidden)
         self.attn = SelfAttention(spec.hidden, spec.heads)
         self.ln_2 = nn.LayerNorm(spec.hidden)
         self.moe = nn.ModuleDict(
-            {m: MoE(spec.hidden, m, layer, n, top_k, k_min, capacity_factor) for m, n in experts.items()}
+            {m: MoE(spec.hidden, m, layer, n, top_k, k_min, capacity_factor, comm_cost_weight)
+             for m, n in experts.items()}
         )
 
     def forward(self, streams: list[Stream], dispatcher: ExpertDispatcher) -> torch.Tensor:
@@ -226,10 +227,11 @@ class MoE(nn.Module):
     """
 
     def __init__(self, hidden: int, modality: str, layer: int, num_experts: int, top_k: int, k_min: int,
-                 capacity_factor: Optional[float] = None):
+                 capacity_factor: Optional[float] = None, comm_cost_weight: float = 0.0):
         super().__init__()
         self.modality, self.layer, self.num_experts, self.top_k, self.k_min = modality, layer, num_experts, top_k, k_min
         self.capacity_factor = capacity_factor
+        self.comm_cost_weight = comm_cost_weight
         self.gate = nn.Linear(hidden, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, dispatcher: ExpertDispatcher) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +239,8 @@ class MoE(nn.Module):
         live = self._live(dispatcher, x.device)
         logits = self.gate(x).masked_fill(~live, float("-inf"))  # [N, E]
         k = min(self.top_k, int(live.sum()))
-        top_logits, idx = logits.topk(k, dim=-1)  # [N, k]
-        weights = top_logits.softmax(dim=-1)
+        idx = self._choose(logits, k, dispatcher)  # [N, k]
+        weights = logits.gather(-1, idx).softmax(dim=-1)
 
         sent = self._within_capacity(idx, int(live.sum()))
         out, answered = dispatcher.dispatch(x, idx.masked_fill(~sent, -1), self.modality, self.layer)
@@ -252,6 +254,19 @@ class MoE(nn.Module):
         out = out.to(x.dtype).masked_fill(~answered.unsqueeze(-1), 0.0)  # unanswered slots may hold anything
         y = (weights.unsqueeze(-1) * out).sum(dim=1)
         return y, self._router_loss(logits, idx, live)
+
+    def _choose(self, logits: torch.Tensor, k: int, dispatcher: ExpertDispatcher) -> torch.Tensor:
+        """Top-k experts of each row by ``logits - comm_cost_weight * call cost`` (communication-aware routing:
+        min E[sum_i rho_i CommCost(i)] traded against the gate's preference). Only the choice is biased: the
+        weights of the chosen experts and the load-balance loss use the gate's own logits, and as every peer
+        prefers the experts *it* hosts, the swarm-wide load stays spread over all experts."""
+        if self.comm_cost_weight > 0:
+            costs = torch.as_tensor(dispatcher.call_costs(self.modality, self.layer, self.num_experts))
+            if costs.shape != (self.num_experts,):
+                raise ValueError(f"call_costs({self.modality!r}, {self.layer}) must have shape [{self.num_experts}], "
+                                 f"got {tuple(costs.shape)}")
+            logits = logits - self.comm_cost_weight * costs.to(logits.device, logits.dtype)
+        return logits.detach().topk(k, dim=-1).indices
 
     def _within_capacity(self, idx: torch.Tensor, live_experts: int) -> torch.Tensor:
         """Bool ``[N, k]``: the choices each expert takes, at most ``capacity_factor * N * k / live`` of them.

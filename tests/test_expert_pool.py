@@ -211,6 +211,7 @@ def swarm():
     dispatchers = []
 
     def make_dispatcher(node=client_node, registry=registry, **kwargs) -> RemoteDispatcher:
+        kwargs.setdefault("codec", "none")  # exact comparisons with local experts ("auto" picks 8-bit on loopback)
         dispatchers.append(RemoteDispatcher(node.p2p, node.loop, registry, manifest, **kwargs))
         return dispatchers[-1]
 
