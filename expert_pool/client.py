@@ -42,6 +42,7 @@ from swarmtrain.expert_pool.wire import DEFAULT_CHUNK_BYTES, Call, pack_request,
 
 logger = logging.getLogger(__name__)
 LOCAL = "<local>"  # host marker of experts served by this process
+HOME_UPLINK_MBPS = 100.0  # a declared upload budget below this makes every remote call cost the most in routing
 
 
 class ExpertCallError(RuntimeError):
@@ -181,7 +182,11 @@ class RemoteDispatcher:
             check_codec(self.codec)
         # a host that answers nothing is retried soon (a cut cable may come back), never after more than 8 s
         self.bans = bans or HostBans(base_s=0.5, max_s=8.0)
-        self.links = links or LinkTable(LinkPolicy(max_deadline_s=self.timeout_s))
+        # a volunteer who declared a home uplink pays the full routing cost for every remote call: its uplink,
+        # not the host's latency, is what a call costs it
+        home_uplink = budget is not None and budget.limited and budget.mbps < HOME_UPLINK_MBPS
+        self.links = links or LinkTable(LinkPolicy(max_deadline_s=self.timeout_s,
+                                                   remote_floor=1.0 if home_uplink else LinkPolicy.remote_floor))
         self.stats = DispatchStats()
         self.my_peer_id = registry.directory.peer_id
         self._sessions = SessionPool(p2p, budget, on_late=self.links.observe_late)

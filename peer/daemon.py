@@ -319,8 +319,10 @@ class PeerDaemon:
                 if opts.max_steps and stats.steps >= opts.max_steps:
                     break
                 now = time.monotonic()
-                if now - last_eval >= training.eval_every_s:
-                    self._evaluate()
+                if self.trainer.evaluating:
+                    self._evaluate(step=True)
+                elif now - last_eval >= training.eval_every_s:
+                    self.trainer.begin_evaluation()  # one validation batch after each step from now on
                     last_eval = now
                 if now - last_log >= 10:
                     self._log_progress()
@@ -352,9 +354,13 @@ class PeerDaemon:
             f"{calls.timeouts} timed out, {calls.slow} late)"
         )
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, step: bool = False) -> None:
+        """A whole evaluation, or (``step``) the next batch of the one in progress."""
         try:
-            self.trainer.evaluate()
+            if step:
+                self.trainer.continue_evaluation()
+            else:
+                self.trainer.evaluate()
         except RuntimeError as e:  # experts vanished mid-evaluation: keep the previous value
             logger.warning(f"evaluation skipped: {e}")
 

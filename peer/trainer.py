@@ -73,6 +73,7 @@ class Trainer:
         self._window_start: Optional[float] = None  # set when the first step starts
         self._window_samples = 0
         self._first_window = True  # until the first 2 s window closes, every step updates the rate
+        self._evaluation: Optional[list] = None  # [batches left, loss sums, counts] of an evaluation in progress
 
     def step(self) -> dict[str, float]:
         """One training step; returns the task losses of this step."""
@@ -101,27 +102,53 @@ class Trainer:
             self.averager.on_local_step(self.stats.steps, self.stats.samples)
         return values
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int = 8) -> float:
-        """Weighted validation loss (no auxiliary losses) on the fixed held-out split."""
-        self.model.eval()
-        try:
-            totals: dict[str, float] = {}
-            counts: dict[str, int] = {}  # modalities may run out of validation data at different batches
-            for batch in self.data.validation_batches(self.batch_size)[:max_batches]:
-                losses = self.model.losses(batch_to(batch, self.device))
-                losses.pop("moe_aux", None)
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + float(value)
-                    counts[name] = counts.get(name, 0) + 1
-        finally:
-            self.model.train()
+        """Weighted validation loss (no auxiliary losses) on the fixed held-out split, all batches now."""
+        self.begin_evaluation(max_batches)
+        while not self.continue_evaluation():
+            pass
+        return self.stats.val_loss
+
+    def begin_evaluation(self, max_batches: int = 8) -> None:
+        """Start an evaluation to be run one validation batch per :meth:`continue_evaluation` call, between
+        training steps: a whole evaluation (seconds on a busy CPU with remote experts) would stall training,
+        and a stalled peer holds up the callers of its experts. The loss then mixes the models of a few
+        consecutive steps, which moves far less than the loss between evaluations."""
+        self._evaluation = [self.data.validation_batches(self.batch_size)[:max_batches], {}, {}]
+
+    @property
+    def evaluating(self) -> bool:
+        return self._evaluation is not None
+
+    @torch.no_grad()
+    def continue_evaluation(self) -> bool:
+        """Run the next batch of the evaluation in progress; True once it is complete (``stats.val_loss`` set).
+        An exception (e.g. experts gone) abandons this evaluation and propagates."""
+        if self._evaluation is None:
+            raise RuntimeError("no evaluation in progress: call begin_evaluation() first")
+        batches, totals, counts = self._evaluation  # modalities may run out of validation data at different batches
+        if batches:
+            self.model.eval()
+            try:
+                losses = self.model.losses(batch_to(batches.pop(0), self.device))
+            except Exception:
+                self._evaluation = None
+                raise
+            finally:
+                self.model.train()
+            losses.pop("moe_aux", None)
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+                counts[name] = counts.get(name, 0) + 1
+            if batches:
+                return False
+        self._evaluation = None
         per_task = {name: value / counts[name] for name, value in totals.items()}
         loss = float(self.model.total_loss({k: torch.tensor(v) for k, v in per_task.items()}))
         self.stats.val_loss, self.stats.val_losses = loss, per_task
         if self.stats.val_loss_initial is None:
             self.stats.val_loss_initial = loss
-        return loss
+        return True
 
     def _track(self, total: float, values: dict[str, float], samples: int) -> None:
         decay = 0.9

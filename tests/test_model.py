@@ -303,3 +303,27 @@ def test_trainer_reports_a_positive_rate_from_its_first_step():
     assert trainer.stats.steps == 1 and trainer.stats.samples == 8
     first = trainer.stats.samples_per_s
     assert first > 8 / 2.5, first
+
+
+@pytest.mark.timeout(60)
+def test_an_evaluation_spread_over_steps_gives_the_whole_evaluations_loss():
+    """begin_evaluation + one continue_evaluation per step (the peer's loop, so that evaluating never stalls
+    training) ends with the same loss as a whole evaluation of the same model."""
+    import threading
+
+    from swarmtrain.peer.trainer import Trainer
+
+    manifest = make_manifest()
+    model = SwarmModel(manifest, LocalDispatcher(local_experts(manifest)))
+    data = DataSource.builtin(manifest, ["text", "image"], shard_index=0, shard_count=1)
+    trainer = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3), threading.Lock(), None,
+                      batch_size=4, seed=0, device=torch.device("cpu"))
+    whole = trainer.evaluate(max_batches=3)
+    trainer.stats.val_loss = None
+    trainer.begin_evaluation(max_batches=3)
+    assert trainer.evaluating
+    assert [trainer.continue_evaluation() for _ in range(3)] == [False, False, True]
+    assert not trainer.evaluating and trainer.stats.val_loss == pytest.approx(whole)
+    assert model.training  # evaluation batches leave the model in training mode
+    with pytest.raises(RuntimeError, match="no evaluation in progress"):
+        trainer.continue_evaluation()
