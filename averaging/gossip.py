@@ -123,7 +123,7 @@ class GossipAverager(ServicerBase):
         self.rendezvous = rendezvous if rendezvous is not None else Rendezvous(directory, ttl_s=ttl_s)
         self.namespace = f"swarmtrain.{node.run_id}.avg.{group}"
         # unreachable partners are retried within a few periods (a cut cable comes back); bad data bans for long
-        self.penalties = Penalties(base_s=min(2 * spec.period_s, 60.0), max_unreachable_s=max(2 * spec.period_s, 8.0))
+        self.penalties = Penalties(base_s=min(2 * spec.period_s, 60.0), max_unreachable_s=max(spec.period_s, 2.0))
         self.meter = Meter(budget)
         self._rng = random.Random(seed)
         self._local_step = self._samples = 0

@@ -8,6 +8,7 @@ Scenarios (each trains for the same ``--window`` seconds once every peer has ste
   router's deep buffer); the peers declare it with ``--max-upload-mbps`` as a volunteer should;
 * ``capped_rtt``: the same plus ``--rtt-ms`` of round trip through the lab's userspace delay line;
 * ``partition``: open links, the last peer's link taken down (a black hole) for ``--cut-s`` seconds mid-window;
+* ``capped_unrouted``: ``capped`` without communication-aware routing (``expert_pool.comm_cost_weight = 0``);
 * ``upload_cap``: open links, every peer declares ``--max-upload-mbps`` = ``--cap-mbps``; the lab's interface
   counters give the largest upload over any 10 s window;
 * ``hivemind_open`` / ``hivemind_capped``: 4 ``hivemind.Optimizer`` data-parallel peers on the demo model
@@ -44,7 +45,10 @@ import netlab  # noqa: E402
 from _children import median  # noqa: E402
 
 PEERS = 4
-SCENARIOS = ("open", "capped", "capped_rtt", "partition", "upload_cap", "hivemind_open", "hivemind_capped")
+SCENARIOS = ("open", "capped", "capped_rtt", "partition", "upload_cap", "capped_unrouted", "hivemind_open",
+             "hivemind_capped")
+# manifest changes of the comparison scenarios (the coordinator's [manifest] table)
+MANIFESTS = {"capped_unrouted": {"expert_pool": {"comm_cost_weight": 0.0}}}
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -57,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mbps", type=float, default=20.0, help="link cap of the capped scenarios, each way")
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--cut-s", type=float, default=25.0)
-    parser.add_argument("--cap-mbps", type=float, default=4.0, help="--max-upload-mbps of the upload_cap scenario")
+    parser.add_argument("--cap-mbps", type=float, default=1.0, help="--max-upload-mbps of the upload_cap scenario")
     parser.add_argument("--hivemind-target", type=int, default=2048, help="hivemind target_batch_size")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--workdir", default=None)
@@ -91,7 +95,7 @@ def main() -> None:
 
 
 def run_ours(name: str, args, folder: Path) -> dict:
-    capped = name in ("capped", "capped_rtt")
+    capped = name in ("capped", "capped_rtt", "capped_unrouted")
     rtt = args.rtt_ms if name == "capped_rtt" else 0.0
     with netlab.Lab(PEERS + 1, rtt_ms=rtt) as lab:
         if capped:
@@ -99,12 +103,14 @@ def run_ours(name: str, args, folder: Path) -> dict:
                 lab.cap(i, args.mbps, args.mbps)
         maddrs_file = folder / "maddrs"
         cmd = [sys.executable, "-m", "swarmtrain.peer"]
+        config = folder / "run.toml"
+        config.write_text(_toml_manifest(MANIFESTS.get(name, {})))
         lab.spawn(0, cmd + ["coordinator", "--run-id", "home", "--identity", str(folder / "coord.key"),
-                            "--maddrs-file", str(maddrs_file), "--checkpoint-every-s", "0"],
+                            "--maddrs-file", str(maddrs_file), "--checkpoint-every-s", "0", "--config", str(config)],
                   folder / "coordinator.log", env=ENV)
         maddr = _wait_maddr(maddrs_file, lab.host(0).ip)
         progress = [folder / f"peer{i}.jsonl" for i in range(1, PEERS + 1)]
-        budget = {"capped": args.mbps, "capped_rtt": args.mbps, "upload_cap": args.cap_mbps}.get(name)
+        budget = args.cap_mbps if name == "upload_cap" else args.mbps if capped else None
         for i, path in enumerate(progress, start=1):
             extra = ["--max-upload-mbps", str(budget)] if budget else []
             lab.spawn(i, cmd + ["peer", "--run-id", "home", "--initial-peers", maddr, "--threads", "1",
@@ -211,7 +217,12 @@ def summarize(runs: dict, args) -> dict:
     out["hivemind"]["capped_ratio"] = _ratio(out["hivemind"]["capped_sps"], out["hivemind"]["open_sps"])
     out["upload_cap"] = {"asked_mbps": args.cap_mbps, "measured_mbps": pick("upload_cap", "upload_max10s_mbps")}
     out["capped_upload_mbps"] = pick("capped", "upload_max10s_mbps")
-    out["remote_share"] = {name: pick(name, "remote_share") for name in ("open", "capped", "capped_rtt")}
+    out["remote_share"] = {name: pick(name, "remote_share")
+                           for name in ("open", "capped", "capped_rtt", "capped_unrouted")}
+    out["capped_unrouted"] = {"sps": pick("capped_unrouted", "sps"), "val": pick("capped_unrouted", "val"),
+                              "ratio": _ratio(pick("capped_unrouted", "sps"), open_sps),
+                              "upload_mean_mbps": pick("capped_unrouted", "upload_mean_mbps")}
+    out["capped_upload_mean_mbps"] = pick("capped", "upload_mean_mbps")
     out["config"] = {"peers": PEERS, "window_s": args.window, "mbps": args.mbps, "rtt_ms": args.rtt_ms,
                      "cut_s": args.cut_s, "repeats": args.repeats, "hivemind_repeats": args.hivemind_repeats,
                      "hivemind_target_batch_size": args.hivemind_target, "date": time.strftime("%Y-%m-%d")}
@@ -230,7 +241,20 @@ def print_table(s: dict) -> None:
     h = s["hivemind"]
     print(f"hivemind: open {fmt(h['open_sps'], '.1f')}, capped {fmt(h['capped_sps'], '.1f')} "
           f"({fmt(h['capped_ratio'])}x) samples/s per peer")
+    u = s["capped_unrouted"]
+    print(f"capped without communication-aware routing: {fmt(u['sps'], '.1f')} samples/s ({fmt(u['ratio'])}x), "
+          f"val {fmt(u['val'], '.3f')}, upload {fmt(u['upload_mean_mbps'])} Mbit/s (routed: "
+          f"{fmt(s['capped_upload_mean_mbps'])}); remote share of calls {s['remote_share']}")
     print(f"upload cap asked {s['upload_cap']['asked_mbps']} Mbit/s, max over 10 s {fmt(s['upload_cap']['measured_mbps'])}")
+
+
+def _toml_manifest(table: dict) -> str:
+    """A coordinator config holding ``[manifest.<section>]`` tables of scalar values."""
+    lines = ["[manifest]"]
+    for section, values in table.items():
+        lines.append(f"[manifest.{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _rate(series: list[dict], a: float, b: float) -> float:

@@ -6,7 +6,8 @@ percentiles and a transfer-rate estimate. Pure functions turn those into decisio
 
 - :func:`call_deadline`: how long to wait for a call before giving up on that host, from its latency
   percentiles and the bytes to move (instead of one fixed timeout: a black-holed host costs a fraction of a
-  second on a LAN, a slow home link gets the time its bytes need);
+  second on a LAN, a slow home link gets the time its bytes need); a host with fewer than 3 calls measured
+  gets the deadline of all hosts' calls together;
 - :func:`hedge_after`: when to also ask another replica of the expert;
 - :func:`wire_codec`: 8-bit activations and gradients on slow or unmeasured links, float32 on links measured
   faster than the codec itself;
@@ -114,11 +115,13 @@ class LinkTable:
     def __init__(self, policy: LinkPolicy = LinkPolicy()):
         self.policy = policy
         self._stats: dict[str, LinkStats] = {}
+        self._swarm = LinkStats(window=256)  # every host's calls: the prior for a host not measured yet
         self._lock = threading.Lock()
 
     def observe(self, host: str, seconds: float, nbytes: int, server_s: float = 0.0) -> None:
         with self._lock:
             self._stats.setdefault(host, LinkStats()).observe(seconds, nbytes, server_s)
+            self._swarm.observe(seconds, nbytes, server_s)
 
     def observe_late(self, host: str, seconds: float) -> None:
         """An answer came ``seconds`` after its call, which had already given up: widen the host's deadline."""
@@ -130,11 +133,17 @@ class LinkTable:
     def stats(self, host: str) -> Optional[LinkStats]:
         return self._stats.get(host)
 
+    def _measured(self, host: str) -> Optional[LinkStats]:
+        """The host's own stats once it has a few calls, else those of all hosts (a black hole we never called
+        is found as fast as the swarm's links allow, not after the unknown-host deadline)."""
+        stats = self._stats.get(host)
+        return stats if stats is not None and len(stats.calls) >= 3 else self._swarm
+
     def deadline(self, host: str, nbytes: int) -> float:
-        return call_deadline(self.stats(host), nbytes, self.policy)
+        return call_deadline(self._measured(host), nbytes, self.policy)
 
     def hedge_after(self, host: str) -> float:
-        return hedge_after(self.stats(host), self.policy)
+        return hedge_after(self._measured(host), self.policy)
 
     def codec(self, host: str, configured: str) -> str:
         return wire_codec(self.stats(host), configured)

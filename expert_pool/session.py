@@ -52,7 +52,7 @@ class HostSession:
         self.p2p, self.peer_id = p2p, peer_id
         self.budget = budget or UploadBudget(None)
         self.on_late = on_late
-        self.last_heard = time.monotonic()
+        self.last_heard = -float("inf")  # nothing heard yet: opening a stream proves nothing about a black hole
         self._pending: dict[int, asyncio.Future] = {}
         self._sent_at: dict[int, float] = {}  # calls in flight or given up, by id: when they were sent
         self._ids = itertools.count()

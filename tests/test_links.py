@@ -185,3 +185,13 @@ def test_an_unreachable_partner_is_retried_soon_and_served_at_once_but_bad_data_
     short.strike("cut")
     time.sleep(0.08)
     assert not short.banned("cut")
+
+
+def test_a_host_not_measured_yet_gets_the_deadline_of_the_swarms_calls():
+    table = LinkTable(POLICY)
+    assert table.deadline("new", 1000) == POLICY.unknown_deadline_s  # nothing measured at all
+    for host in ("a", "b"):
+        for _ in range(5):
+            table.observe(host, 0.05, 20_000, 0.01)
+    assert table.deadline("new", 1000) == POLICY.min_deadline_s  # not the 4 s of a host of an unknown swarm
+    assert table.hedge_after("new") == pytest.approx(0.25)
