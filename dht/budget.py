@@ -12,7 +12,7 @@ Two traffic classes share the budget:
 
 The budget is a virtual clock per class ("the link is busy until t"), not a token bucket with a burst: a message
 of ``n`` bytes occupies the link for ``n / rate`` seconds, and its writer sleeps until its turn. Messages are
-paced whole, so bulk writers keep messages small (a few hundred KiB) under a budget.
+paced whole: a bulk message holds interactive traffic back by at most its own length on the link.
 
 ``rate = mbps * 1e6 / 8 * (1 - overhead)``: ``overhead`` leaves room for what this module does not see (TCP/IP
 and libp2p framing, ACKs of downloads, DHT traffic; ~6% measured in the lab on 20 Mbit/s links).
@@ -81,10 +81,3 @@ class UploadBudget:
         wait = self.schedule(nbytes, kind, time.monotonic())
         if wait > 0:
             await asyncio.sleep(wait)
-
-    def message_bytes(self, default: int) -> int:
-        """Size of bulk messages to use: ``default``, or at most ~0.25 s of the link under a budget."""
-        if self.rate is None:
-            return default
-        return max(16384, min(default, int(self.rate * 0.25)))
-

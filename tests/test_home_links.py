@@ -114,7 +114,7 @@ def test_a_cut_peer_keeps_training_survivors_barely_stall_and_it_rejoins(lab_fac
 
 @pytest.mark.timeout(360)
 def test_max_upload_mbps_holds_on_the_interface(lab_factory, tmp_path):
-    cap = 2.0
+    cap = 1.0
     lab = lab_factory(3)
     start_swarm(lab, tmp_path, 2, "--max-upload-mbps", str(cap))
     with netlab.UploadMeter(lab, 1) as meter_1, netlab.UploadMeter(lab, 2) as meter_2:
