@@ -310,6 +310,9 @@ class RemoteDispatcher:
         them together at most ``timeout_s``."""
         deadline = time.monotonic() + self.timeout_s
         if verb == "backward":
+            if self.bans.banned(route.host):  # found black-holed since its forward: do not wait a deadline again
+                route.error = f"host {route.host[-6:]} stopped answering since the forward"
+                return None
             hosts = [route.host]
         else:
             self.stats.remote_forward_calls += 1
