@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--cut-s", type=float, default=25.0)
     parser.add_argument("--cap-mbps", type=float, default=1.0, help="--max-upload-mbps of the upload_cap scenario")
-    parser.add_argument("--hivemind-target", type=int, default=2048, help="hivemind target_batch_size")
+    parser.add_argument("--hivemind-target", type=int, default=4096, help="hivemind target_batch_size")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--workdir", default=None)
     return parser.parse_args()
