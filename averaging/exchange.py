@@ -20,10 +20,13 @@ from swarmtrain.averaging import protocol, rules
 from swarmtrain.averaging.codec import BLOCKSIZES, CODECS, LocalDataError, WireError, decode, encode
 from swarmtrain.averaging.protocol import ProtocolError
 from swarmtrain.averaging.replica import LocalReplica
-from swarmtrain.dht.budget import BULK, UploadBudget
+from swarmtrain.dht.budget import BULK, INTERACTIVE, UploadBudget
 from swarmtrain.dht.streams import drain, linger
 
 MAX_CHUNK_ELEMS = 1 << 24  # a chunk larger than this is refused (64 MiB of float32)
+
+
+CONTROL_BYTES = 16384  # averaging messages smaller than this are control messages (paced as interactive traffic)
 
 
 class Rejected(Exception):
@@ -43,8 +46,10 @@ class Meter:
         return message
 
     async def paced(self, message):
-        """``out`` after waiting for this message's turn in the upload budget."""
-        await self.budget.take(message.ByteSize(), BULK)
+        """``out`` after waiting for this message's turn in the upload budget: messages of values are bulk,
+        small control messages (accept, commit, done: the partner waits on them) go as interactive traffic."""
+        size = message.ByteSize()
+        await self.budget.take(size, BULK if size >= CONTROL_BYTES else INTERACTIVE)
         return self.out(message)
 
     def inp(self, message):
@@ -85,13 +90,13 @@ async def initiate(replica: LocalReplica, stream_factory: Callable, meter: Meter
                            sample=spec.codec == "8bit" and spec.adaptive_precision, ref=ref_token)
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        yield meter.out(hello)
+        yield await meter.paced(hello)
         while (message := await outbox.get()) is not None:
             yield await meter.paced(message)
 
     # a partner answers the hello at once or not at all (a black-holed host): a short deadline for the handshake
     handshake = min(deadline, asyncio.get_running_loop().time() + spec.connect_timeout_s)
-    stream = await asyncio.wait_for(stream_factory(requests()), spec.connect_timeout_s)
+    stream = await asyncio.wait_for(stream_factory(requests()), handshake - asyncio.get_running_loop().time())
     sender: Optional[asyncio.Task] = None
     applied = False
     stage = "waiting for accept"

@@ -383,7 +383,7 @@ class GossipAverager(ServicerBase):
             logger.warning(f"averager {self.group}: not averaging with {peer}, our own parameters are bad: {why}")
         elif outcome in ("failed", "rejected"):
             self._counts["failures" if outcome == "failed" else "rejected"] += 1
-            skip_s = self.penalties.strike(peer, bad_data=outcome == "rejected")
+            skip_s = self.penalties.strike(peer, bad_data=outcome == "rejected", refuse=served)
             role = "from" if served else "with"
             log = logger.warning if outcome == "rejected" else logger.info
             log(f"averager {self.group}: exchange {role} {peer} {outcome}: {why} (skipping it for {skip_s:.0f}s)")

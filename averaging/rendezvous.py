@@ -84,9 +84,10 @@ class Penalties:
     ``max_s``); a bad-tensor strike counts as ``severe`` strikes at once and also makes the peer ``distrusted``
     (its own requests are refused) for as long; a good exchange clears them.
 
-    A peer that only failed to answer (a dead or black-holed host, a timeout) is skipped for at most
+    A peer that only failed to answer us (a dead or black-holed host, a timeout) is skipped for at most
     ``max_unreachable_s``: it is retried soon, so a peer whose cable comes back rejoins within seconds, and its
-    own requests are served meanwhile (it evidently reaches us again).
+    own requests are served meanwhile (it evidently reaches us again). A peer that failed an exchange *it*
+    started is refused for the length of its ban too.
     """
 
     def __init__(self, base_s: float, max_s: float = 300.0, severe: int = 4, max_unreachable_s: float = 300.0):
@@ -95,8 +96,9 @@ class Penalties:
         self._banned_until: dict[str, float] = {}
         self._distrusted_until: dict[str, float] = {}
 
-    def strike(self, peer: str, bad_data: bool = False) -> float:
-        """Penalize ``peer``; returns how many seconds it is now skipped."""
+    def strike(self, peer: str, bad_data: bool = False, refuse: bool = False) -> float:
+        """Penalize ``peer``; returns how many seconds it is now skipped. ``refuse``: also refuse its requests
+        meanwhile (it reached us and then failed an exchange it started: stalling us is no way to get served)."""
         strikes = self._strikes.get(peer, 0) + (self.severe if bad_data else 1)
         self._strikes[peer] = strikes
         duration = min(self.max_s, self.base_s * 2 ** min(strikes - 1, 30))
@@ -104,8 +106,8 @@ class Penalties:
             duration = min(duration, self.max_unreachable_s)
         until = time.monotonic() + duration
         self._banned_until[peer] = max(until, self._banned_until.get(peer, 0.0))
-        if bad_data:
-            self._distrusted_until[peer] = until
+        if bad_data or refuse:
+            self._distrusted_until[peer] = max(until, self._distrusted_until.get(peer, 0.0))
         return self._banned_until[peer] - time.monotonic()
 
     def forgive(self, peer: str) -> None:

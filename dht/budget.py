@@ -11,8 +11,10 @@ Two traffic classes share the budget:
   scheduled so far, so together the two never exceed the rate for longer than one bulk message.
 
 The budget is a virtual clock per class ("the link is busy until t"), not a token bucket with a burst: a message
-of ``n`` bytes occupies the link for ``n / rate`` seconds, and its writer sleeps until its turn. Messages are
-paced whole: a bulk message holds interactive traffic back by at most its own length on the link.
+of ``n`` bytes occupies the link for ``n / rate`` seconds, and its writer sleeps until its turn. Over any long
+window the two classes together stay under the rate; for as long as the bulk messages already booked take (one
+per concurrent bulk stream: each averager, each state transfer), interactive bytes booked meanwhile can go out
+beside them, up to twice the rate. Bulk traffic waits as long as interactive traffic keeps the link busy.
 
 ``rate = mbps * 1e6 / 8 * (1 - overhead)``: ``overhead`` leaves room for what this module does not see (TCP/IP
 and libp2p framing, ACKs of downloads, DHT traffic; ~6% measured in the lab on 20 Mbit/s links).
@@ -76,8 +78,22 @@ class UploadBudget:
         self.waited_s[kind] += wait
         return wait
 
+    def cancel(self, nbytes: int, kind: str, now: float) -> None:
+        """Give back a booking whose writer gave up before its turn (its bytes were never sent)."""
+        self.sent[kind] -= nbytes
+        if self.rate is not None:
+            duration = nbytes / self.rate
+            self._free_at[kind] = max(now, self._free_at[kind] - duration)
+            if kind == INTERACTIVE:
+                self._free_at[BULK] = max(now, self._free_at[BULK] - duration)
+
     async def take(self, nbytes: int, kind: str = BULK) -> None:
-        """Wait for this writer's turn to send ``nbytes`` (call on the event loop that writes them)."""
+        """Wait for this writer's turn to send ``nbytes`` (call on the event loop that writes them); a writer
+        cancelled while waiting gives its booking back."""
         wait = self.schedule(nbytes, kind, time.monotonic())
         if wait > 0:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self.cancel(nbytes, kind, time.monotonic())
+                raise

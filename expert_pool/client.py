@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from swarmtrain.dht.node import LoopThread
 from swarmtrain.dht.records import Manifest
 from swarmtrain.dht.uids import make_uid
 from swarmtrain.expert_pool.codec import all_finite, check_codec, decode_tensor, encode_tensor
-from swarmtrain.expert_pool.links import LinkPolicy, LinkTable
+from swarmtrain.expert_pool.links import SILENT, LinkPolicy, LinkTable, classify_timeout
 from swarmtrain.expert_pool.registry import ExpertRegistry
 from swarmtrain.expert_pool.server import ExpertServer
 from swarmtrain.expert_pool.session import SessionPool
@@ -91,8 +92,8 @@ class DispatchStats:
     resent: int = 0  # backward calls that had to resend x because the host no longer kept the activations
     bytes_sent: int = 0  # tensor payload bytes of remote requests (after the wire codec)
     bytes_received: int = 0
-    timeouts: int = 0  # calls given up on a host that answered nothing meanwhile (it was then banned)
-    slow: int = 0  # calls given up on a host that kept answering others (slow, not banned)
+    timeouts: int = 0  # calls given up on a host that answered nothing since our request left (banned)
+    slow: int = 0  # calls given up on a host that kept answering, or still queued in our own uplink (no ban)
     last_error: str = ""  # the latest failure, "<verb> <uid>: <reason>"
 
 
@@ -338,44 +339,50 @@ class RemoteDispatcher:
                 done, _ = await asyncio.wait(set(attempts), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 for finished in done:
                     host = attempts.pop(finished)
-                    output = finished.result()
-                    if output is not None:
+                    result = finished.result()
+                    if result is not None:  # the first answer wins; only its host's kept activations are quoted
                         route.host = host
-                        return output
+                        if verb == "forward":
+                            route.saved = result[1]
+                        return result[0]
         finally:
             for task in attempts:
                 task.cancel()
         return None
 
     async def _attempt(self, verb: str, route: _Route, host: str, tensors: tuple[torch.Tensor, ...], keep: bool,
-                       encoded: dict, overall_deadline: float) -> Optional[torch.Tensor]:
-        """One call of ``route`` at ``host`` within the host's own deadline; None (and ``route.error``) on failure.
-        A host that answered nothing at all while we waited is banned (a black hole or a dead host); one that
-        answers late while it keeps answering is only slow: its deadlines grow from the late answers."""
+                       encoded: dict, overall_deadline: float) -> Optional[tuple[torch.Tensor, Optional[int]]]:
+        """One call of ``route`` at ``host`` within the host's own deadline: (output, the number under which the
+        host keeps this forward's activations, if it does), or None (and ``route.error``) on failure. What a
+        timeout means is :func:`~swarmtrain.expert_pool.links.classify_timeout`'s: only a host that answered
+        nothing since our request left is banned (a black hole or a dead host)."""
         codec = self.links.codec(host, self.codec)
         nbytes = sum(t.numel() * (1 if codec == "blockwise8" else 4) for t in tensors) * 2
         budget_s = min(self.links.deadline(host, nbytes), overall_deadline - time.monotonic())
-        started = time.monotonic()
+        started, sent = time.monotonic(), []
+        saved = None
+        quoted = verb == "backward" and route.saved is not None  # only grad_out travels
         try:
-            if verb == "backward" and route.saved is not None:
-                output, served_s, moved = await asyncio.wait_for(
-                    self._backward_from_saved(host, route, tensors, codec), budget_s)
+            if quoted:
+                output, served_s = await asyncio.wait_for(
+                    self._backward_from_saved(host, route, tensors, codec, sent), budget_s)
             else:
                 if codec not in encoded:
                     encoded[codec] = [encode_tensor(t, codec) for t in tensors]
                 meta = {"codec": codec, "keep": True} if keep else {"codec": codec}
-                reply, (output,), moved = await asyncio.wait_for(
-                    self._call_on_session(host, verb, route.uid, meta, encoded[codec]), budget_s)
-                served_s = reply.get("served_s", 0.0)
-                saved = reply.get("saved")
-                if verb == "forward":
-                    route.saved = saved if keep and isinstance(saved, int) and not isinstance(saved, bool) else None
+                reply, (output,) = await asyncio.wait_for(
+                    self._call_on_session(host, verb, route.uid, meta, encoded[codec], sent), budget_s)
+                served_s = reply.get("served_s")
+                number = reply.get("saved")
+                saved = number if keep and isinstance(number, int) and not isinstance(number, bool) else None
             if output.shape != tensors[0].shape or output.dtype != torch.float32:
                 raise ExpertCallError(f"{verb} of {route.uid} returned {list(output.shape)} {output.dtype}", True)
             elapsed = time.monotonic() - started
-            self.links.observe(host, elapsed, moved, served_s if isinstance(served_s, (int, float)) else 0.0)
+            # the rate counts float32 bytes (what the layer moves), so that codecs compare on the same scale
+            raw = 4 * (sum(t.numel() for t in (tensors[1:] if quoted else tensors)) + output.numel())
+            self.links.observe(host, elapsed, raw, served_s if _plausible(served_s, elapsed) else 0.0)
             self.bans.success(host, route.uid)
-            return output
+            return output, saved
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -384,9 +391,10 @@ class RemoteDispatcher:
             if isinstance(e, asyncio.TimeoutError):
                 route.error = f"no answer from {host[-6:]} within {budget_s:.2f}s"
                 session = self._sessions.peek(host)
-                if session is not None and session.last_heard > started:
-                    self.stats.slow += 1  # alive, only slow: no ban, its late answer widens its deadline
-                    logger.info(f"{verb} of {route.uid} at {host[-6:]} is late ({route.error}); the host is slow")
+                verdict = classify_timeout(sent[-1] if sent else None, session.last_heard if session else None)
+                if verdict != SILENT:  # still queued in our own uplink, or alive but slow: no ban
+                    self.stats.slow += 1
+                    logger.info(f"{verb} of {route.uid} at {host[-6:]} is late ({route.error}): {verdict}")
                     return None
                 self.stats.timeouts += 1
             ban = self.bans.failure(host, route.uid if refused else None)
@@ -394,37 +402,34 @@ class RemoteDispatcher:
             return None
 
     async def _backward_from_saved(
-        self, host: str, route: _Route, tensors: tuple[torch.Tensor, ...], codec: str
-    ) -> tuple[torch.Tensor, float, int]:
+        self, host: str, route: _Route, tensors: tuple[torch.Tensor, ...], codec: str, sent: list
+    ) -> tuple[torch.Tensor, object]:
         """Backward quoting the host's kept activations: sends ``grad_out`` only; if the host has dropped them
         (expired, evicted, restarted) it says so and the call is repeated with ``x`` (recomputed forward).
-        Returns (input gradient, the host's compute seconds, bytes moved)."""
+        Returns (input gradient, the host's reported compute seconds)."""
         x, grad_out = tensors
         number, route.saved = route.saved, None
         try:
             meta = {"codec": codec, "saved": number}
-            reply, (grad,), moved = await self._call_on_session(
-                host, "backward", route.uid, meta, [encode_tensor(grad_out, codec)])
+            reply, (grad,) = await self._call_on_session(
+                host, "backward", route.uid, meta, [encode_tensor(grad_out, codec)], sent)
         except ExpertCallError as e:
             if not e.resend:
                 raise
             self.stats.resent += 1
             encoded = [encode_tensor(t, codec) for t in (x, grad_out)]
-            reply, (grad,), moved = await self._call_on_session(host, "backward", route.uid, {"codec": codec}, encoded)
-        return grad, reply.get("served_s", 0.0), moved
+            reply, (grad,) = await self._call_on_session(host, "backward", route.uid, {"codec": codec}, encoded, sent)
+        return grad, reply.get("served_s")
 
     async def _call_on_session(
-        self, host: str, verb: str, uid: str, meta: dict, encoded: list
-    ) -> tuple[dict, list[torch.Tensor], int]:
-        """One call on the session to ``host``: (reply metadata, tensors, payload bytes moved both ways)."""
+        self, host: str, verb: str, uid: str, meta: dict, encoded: list, sent: Optional[list] = None
+    ) -> tuple[dict, list[torch.Tensor]]:
+        """One call on the session to ``host``: (reply metadata, tensors); ``sent`` gets the time it was written."""
         session = await self._sessions.get(host)
-        sent = sum(len(proto.buffer) for proto in encoded)
-        self.stats.bytes_sent += sent
-        call = await session.call(verb, uid, meta, encoded)
-        received = sum(len(proto.buffer) for proto in call.tensors)
-        self.stats.bytes_received += received
-        meta, tensors = _unpack_response(verb, host, call)
-        return meta, tensors, sent + received
+        self.stats.bytes_sent += sum(len(proto.buffer) for proto in encoded)
+        call = await session.call(verb, uid, meta, encoded, sent)
+        self.stats.bytes_received += sum(len(proto.buffer) for proto in call.tensors)
+        return _unpack_response(verb, host, call)
 
 
 class _DispatchFunction(torch.autograd.Function):
@@ -483,6 +488,12 @@ class _DispatchFunction(torch.autograd.Function):
                 grad_pairs.index_copy_(0, route.positions, grad)
         grad_x = grad_pairs.view(n, ctx.k, d).sum(dim=1)
         return grad_x.to(ctx.x_device, ctx.x_dtype), None, None, None, None
+
+
+def _plausible(served_s, elapsed: float) -> bool:
+    """A host's reported compute time is used only if it is a number between 0 and the call's wall time."""
+    return (isinstance(served_s, (int, float)) and not isinstance(served_s, bool) and math.isfinite(served_s)
+            and 0.0 <= served_s <= elapsed)
 
 
 def _finite(rows: torch.Tensor, name: str) -> torch.Tensor:

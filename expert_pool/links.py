@@ -10,7 +10,8 @@ percentiles and a transfer-rate estimate. Pure functions turn those into decisio
   gets the deadline of all hosts' calls together;
 - :func:`hedge_after`: when to also ask another replica of the expert;
 - :func:`wire_codec`: 8-bit activations and gradients on slow or unmeasured links, float32 on links measured
-  faster than the codec itself;
+  faster than the codec itself (rates count float32 bytes of the layer, so both codecs compare on one scale);
+- :func:`classify_timeout`: whether a call past its deadline means a black hole, a slow host or our own queue;
 - :func:`call_cost`: the routing cost of calling a host, 0 (in-process) to 1 (slow or unknown), which the gate
   of :class:`~swarmtrain.peer.model.MoE` subtracts from its logits (communication-aware routing).
 
@@ -19,6 +20,7 @@ budget of the whole peer (:mod:`~swarmtrain.dht.budget`).
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ class LinkStats:
         self.late = 0  # answers that arrived after their call had given up (a slow host, not a dead one)
 
     def observe(self, seconds: float, nbytes: int, server_s: float = 0.0) -> None:
+        if not (math.isfinite(seconds) and math.isfinite(server_s)):
+            return
         network = max(seconds - max(server_s, 0.0), 1e-4)
         self.calls.append((max(seconds, 0.0), network, max(int(nbytes), 0)))
 
@@ -109,8 +113,24 @@ def call_cost(stats: Optional[LinkStats], policy: LinkPolicy) -> float:
     return min(1.0, max(policy.remote_floor, median / policy.cost_ref_s))
 
 
+UNSENT, SLOW, SILENT = "unsent", "slow", "silent"
+
+
+def classify_timeout(sent_at: Optional[float], last_heard: Optional[float]) -> str:
+    """What a call that ran past its deadline says about its host: ``"unsent"`` if the request never fully left
+    (it waited in our own upload budget: our uplink, not the host, is slow), ``"slow"`` if the host sent something
+    after the request left (alive; its late answer will widen its deadline), else ``"silent"`` (a black hole or a
+    dead host: ban it)."""
+    if sent_at is None:
+        return UNSENT
+    if last_heard is not None and last_heard > sent_at:
+        return SLOW
+    return SILENT
+
+
 class LinkTable:
-    """Thread-safe :class:`LinkStats` per host peer id, with the policies applied to each."""
+    """:class:`LinkStats` per host peer id, with the policies applied to each; every method may be called from
+    any thread (the event loop records calls while the training thread reads costs)."""
 
     def __init__(self, policy: LinkPolicy = LinkPolicy()):
         self.policy = policy
@@ -130,33 +150,33 @@ class LinkTable:
             stats.late += 1
             stats.observe(seconds, 0)
 
-    def stats(self, host: str) -> Optional[LinkStats]:
-        return self._stats.get(host)
-
     def _measured(self, host: str) -> Optional[LinkStats]:
         """The host's own stats once it has a few calls, else those of all hosts (a black hole we never called
-        is found as fast as the swarm's links allow, not after the unknown-host deadline)."""
+        is found as fast as the swarm's links allow, not after the unknown-host deadline). Call under the lock."""
         stats = self._stats.get(host)
         return stats if stats is not None and len(stats.calls) >= 3 else self._swarm
 
     def deadline(self, host: str, nbytes: int) -> float:
-        return call_deadline(self._measured(host), nbytes, self.policy)
+        with self._lock:
+            return call_deadline(self._measured(host), nbytes, self.policy)
 
     def hedge_after(self, host: str) -> float:
-        return hedge_after(self._measured(host), self.policy)
+        with self._lock:
+            return hedge_after(self._measured(host), self.policy)
 
     def codec(self, host: str, configured: str) -> str:
-        return wire_codec(self.stats(host), configured)
+        with self._lock:
+            return wire_codec(self._stats.get(host), configured)
 
     def cost(self, host: str) -> float:
-        return call_cost(self.stats(host), self.policy)
+        with self._lock:
+            return call_cost(self._stats.get(host), self.policy)
 
     def summary(self) -> dict[str, dict]:
         """Per host: calls measured, p50/p95 latency (s), rate (bytes/s), late answers (for logs and benchmarks)."""
         with self._lock:
-            items = list(self._stats.items())
-        return {
-            host: {"calls": len(s.calls), "p50_s": s.latency(0.5), "p95_s": s.latency(0.95), "rate_bps": s.rate_bps(),
-                   "late": s.late}
-            for host, s in items
-        }
+            return {
+                host: {"calls": len(s.calls), "p50_s": s.latency(0.5), "p95_s": s.latency(0.95),
+                       "rate_bps": s.rate_bps(), "late": s.late}
+                for host, s in self._stats.items()
+            }

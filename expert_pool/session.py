@@ -68,27 +68,45 @@ class HostSession:
         _, reader, self._writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id), handle)
         self._reader_task = asyncio.create_task(self._read_responses(reader))
 
-    async def call(self, verb: str, uid: str, meta: dict, tensors: list[runtime_pb2.Tensor]) -> Call:
-        """Send one request for expert ``uid`` and wait for its response (metadata and encoded tensors)."""
+    async def call(self, verb: str, uid: str, meta: dict, tensors: list[runtime_pb2.Tensor],
+                   sent: Optional[list] = None) -> Call:
+        """Send one request for expert ``uid`` and wait for its response (metadata and encoded tensors).
+
+        The request's turn in the upload budget is waited for first (cancellable); its messages are then written
+        by a task of their own that a cancelled call does not interrupt, so the stream never carries half a call.
+        ``sent`` (if given) receives the time the request was fully written.
+        """
         if self.closed:
             raise SessionError(f"session to {self.peer_id[-6:]} is closed: {self.error}")
         call_id = next(self._ids)
+        messages = pack_request(uid, {**meta, "id": call_id, "verb": verb}, tensors)
+        await self.budget.take(sum(message.ByteSize() for message in messages), INTERACTIVE)
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            async with self._write_lock:  # the messages of one call go out back to back
-                for message in pack_request(uid, {**meta, "id": call_id, "verb": verb}, tensors):
-                    await self.budget.take(message.ByteSize(), INTERACTIVE)
-                    await P2P.send_protobuf(message, self._writer)
-            self._sent_at[call_id] = time.monotonic()
-            while len(self._sent_at) > 4096:  # answers that never came: forget the oldest
-                self._sent_at.pop(next(iter(self._sent_at)))
+            await self._write_lock.acquire()  # whole calls in the order they got here; _write releases it
+            write = asyncio.ensure_future(self._write(call_id, messages))
+            write.add_done_callback(_consume)  # a write that fails after its caller gave up is not an error to log
+            await asyncio.shield(write)
+            if sent is not None:
+                sent.append(time.monotonic())
             return await future
         except (ConnectionError, OSError) as e:
             self._fail_all(f"{type(e).__name__}: {e}")
             raise SessionError(f"session to {self.peer_id[-6:]} broke: {e}") from e
         finally:
             self._pending.pop(call_id, None)
+
+    async def _write(self, call_id: int, messages: list) -> None:
+        """Write one call's messages back to back; the caller holds the write lock, released here."""
+        try:
+            for message in messages:
+                await P2P.send_protobuf(message, self._writer)
+        finally:
+            self._write_lock.release()
+        self._sent_at[call_id] = time.monotonic()
+        while len(self._sent_at) > 4096:  # answers that never came: forget the oldest
+            self._sent_at.pop(next(iter(self._sent_at)))
 
     async def close(self) -> None:
         """End the stream; calls in flight fail with SessionError."""
@@ -187,3 +205,8 @@ class SessionPool:
             return session
         finally:
             self._opening.pop(peer_id, None)
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -194,3 +194,33 @@ def test_a_host_not_measured_yet_gets_the_deadline_of_the_swarms_calls():
             table.observe(host, 0.05, 20_000, 0.01)
     assert table.deadline("new", 1000) == POLICY.min_deadline_s  # not the 4 s of a host of an unknown swarm
     assert table.hedge_after("new") == pytest.approx(0.25)
+
+
+def test_a_peer_that_stalls_an_exchange_it_started_is_refused_for_its_ban():
+    penalties = Penalties(base_s=8.0, max_unreachable_s=4.0)
+    penalties.strike("staller", refuse=True)
+    assert penalties.banned("staller") and penalties.distrusted("staller")
+
+
+def test_a_timeout_bans_only_a_host_that_was_silent_since_the_request_left():
+    from swarmtrain.expert_pool.links import SILENT, SLOW, UNSENT, classify_timeout
+
+    assert classify_timeout(None, 5.0) == UNSENT  # still in our own upload queue: our uplink is the slow part
+    assert classify_timeout(10.0, 12.0) == SLOW  # it answered something after our request left
+    assert classify_timeout(10.0, 9.0) == SILENT and classify_timeout(10.0, None) == SILENT
+
+
+def test_link_stats_ignore_non_finite_times():
+    stats = LinkStats()
+    stats.observe(float("nan"), 1000, 0.0)
+    stats.observe(0.1, 100_000, float("inf"))
+    assert len(stats.calls) == 0
+
+
+def test_a_cancelled_booking_is_given_back():
+    budget = UploadBudget(8.0, overhead=0.0)  # 1 MB/s
+    budget.schedule(500_000, INTERACTIVE, now=0.0)
+    assert budget.schedule(500_000, INTERACTIVE, now=0.0) == pytest.approx(0.5)
+    budget.cancel(500_000, INTERACTIVE, now=0.1)
+    assert budget.schedule(100_000, INTERACTIVE, now=0.1) == pytest.approx(0.4)
+    assert budget.sent[INTERACTIVE] == 600_000
