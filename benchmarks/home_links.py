@@ -9,8 +9,9 @@ Scenarios (each trains for the same ``--window`` seconds once every peer has ste
 * ``capped_rtt``: the same plus ``--rtt-ms`` of round trip through the lab's userspace delay line;
 * ``partition``: open links, the last peer's link taken down (a black hole) for ``--cut-s`` seconds mid-window;
 * ``capped_unrouted``: ``capped`` without communication-aware routing (``expert_pool.comm_cost_weight = 0``);
-* ``upload_cap``: open links, every peer declares ``--max-upload-mbps`` = ``--cap-mbps``; the lab's interface
-  counters give the largest upload over any 10 s window;
+* ``upload_cap``: open links, every peer declares ``--max-upload-mbps`` = ``--cap-mbps`` and routes without
+  communication cost (so that its expert calls alone would exceed the cap); the lab's interface counters give the
+  largest upload over any 10 s window;
 * ``hivemind_open`` / ``hivemind_capped``: 4 ``hivemind.Optimizer`` data-parallel peers on the demo model
   (``benchmarks/_hivemind_peer.py``, blockwise 8-bit gradients and state), no swarmtrain code on the wire.
 
@@ -48,7 +49,8 @@ PEERS = 4
 SCENARIOS = ("open", "capped", "capped_rtt", "partition", "upload_cap", "capped_unrouted", "hivemind_open",
              "hivemind_capped")
 # manifest changes of the comparison scenarios (the coordinator's [manifest] table)
-MANIFESTS = {"capped_unrouted": {"expert_pool": {"comm_cost_weight": 0.0}}}
+UNROUTED = {"expert_pool": {"comm_cost_weight": 0.0}}
+MANIFESTS = {"capped_unrouted": UNROUTED, "upload_cap": UNROUTED}  # upload_cap: remote calls, so demand > cap
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -61,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mbps", type=float, default=20.0, help="link cap of the capped scenarios, each way")
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--cut-s", type=float, default=25.0)
-    parser.add_argument("--cap-mbps", type=float, default=1.0, help="--max-upload-mbps of the upload_cap scenario")
+    parser.add_argument("--cap-mbps", type=float, default=4.0, help="--max-upload-mbps of the upload_cap scenario")
     parser.add_argument("--hivemind-target", type=int, default=4096, help="hivemind target_batch_size")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--workdir", default=None)

@@ -17,7 +17,8 @@ per concurrent bulk stream: each averager, each state transfer), interactive byt
 beside them, up to twice the rate. Bulk traffic waits as long as interactive traffic keeps the link busy.
 
 ``rate = mbps * 1e6 / 8 * (1 - overhead)``: ``overhead`` leaves room for what this module does not see (TCP/IP
-and libp2p framing, ACKs of downloads, DHT traffic; ~6% measured in the lab on 20 Mbit/s links).
+and libp2p framing, ACKs of downloads, DHT traffic). Where the kernel can say what the p2p daemons really send,
+:class:`~swarmtrain.dht.uplink.UplinkMonitor` replaces that guess with a measurement every second.
 
 Not for: download limits (a peer cannot pace what others send it; ``--max-download-mbps`` only informs the
 chunking of bulk messages), or deciding what to send (the callers do).
@@ -58,6 +59,12 @@ class UploadBudget:
     @property
     def limited(self) -> bool:
         return self.rate is not None
+
+    def set_rate(self, bytes_per_s: float) -> None:
+        """Change the paced rate (``dht.uplink.UplinkMonitor`` sets what unpaced traffic leaves of the cap)."""
+        if self.rate is None or not bytes_per_s > 0:
+            raise ValueError(f"can only set a positive rate of a limited budget, got {bytes_per_s}")
+        self.rate = float(bytes_per_s)
 
     def schedule(self, nbytes: int, kind: str, now: float) -> float:
         """Book ``nbytes`` of class ``kind`` on the link; returns how long its writer must wait from ``now``."""

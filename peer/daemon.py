@@ -22,6 +22,7 @@ import torch
 from swarmtrain.averaging.gossip import GossipAverager
 from swarmtrain.averaging.rendezvous import Rendezvous
 from swarmtrain.dht.budget import UploadBudget
+from swarmtrain.dht.uplink import UplinkMonitor
 from swarmtrain.dht.directory import SwarmDirectory
 from swarmtrain.dht.identity import Identity
 from swarmtrain.dht.keys import RecordKind
@@ -101,6 +102,7 @@ class PeerDaemon:
         self._heartbeat: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self.budget = UploadBudget(None)
+        self.uplink: Optional[UplinkMonitor] = None
         self._seed_unreachable = False  # the coordinator of a resumed run failed to answer a checkpoint request
         self.started_at = time.time()
 
@@ -139,6 +141,12 @@ class PeerDaemon:
         self.budget = UploadBudget(opts.max_upload_mbps or None)
         if self.budget.limited:
             logger.info(f"pacing uploads to {opts.max_upload_mbps:g} Mbit/s (expert calls first, averaging after)")
+            if UplinkMonitor.available():
+                self.uplink = UplinkMonitor(self.budget)
+                self.uplink.start()
+            else:
+                logger.warning("iproute2's `ss` is missing: the upload budget cannot see the DHT's traffic and "
+                               "keeps a fixed 8% allowance for it")
         self.server = ExpertServer(self.node.p2p, self.node.loop, manifest, budget=self.budget)
         self.server.start()
         ttl = manifest.training.heartbeat_ttl_s
@@ -426,7 +434,8 @@ class PeerDaemon:
         for thread in (self._maintenance, self._heartbeat):
             if thread is not None:
                 thread.join(timeout=10)
-        parts = [getattr(self.dispatcher, "close", None), getattr(self.averager, "shutdown", None)]
+        parts = [getattr(self.uplink, "stop", None), getattr(self.dispatcher, "close", None),
+                 getattr(self.averager, "shutdown", None)]
         parts += [averager.shutdown for averager in self.expert_averagers.values()]
         parts += [getattr(self.server, "shutdown", None)]
         self.expert_averagers = {}

@@ -42,11 +42,13 @@ def lab_factory():
         lab.close()
 
 
-def start_swarm(lab: netlab.Lab, tmp_path: Path, peers: int, *extra: str) -> list[Path]:
-    """A coordinator on host 0 and ``peers`` peers on hosts 1..peers; returns their progress files."""
-    maddrs = tmp_path / "maddrs"
+def start_swarm(lab: netlab.Lab, tmp_path: Path, peers: int, *extra: str, manifest: str = "") -> list[Path]:
+    """A coordinator on host 0 (``manifest``: TOML lines of its [manifest] table) and ``peers`` peers on hosts
+    1..peers; returns their progress files."""
+    maddrs, config = tmp_path / "maddrs", tmp_path / "run.toml"
+    config.write_text("[manifest]\n" + manifest)
     lab.spawn(0, swarmtrain_cmd("coordinator", "--run-id", "lab", "--identity", str(tmp_path / "c.key"),
-                                "--maddrs-file", str(maddrs), "--checkpoint-every-s", "0"),
+                                "--maddrs-file", str(maddrs), "--checkpoint-every-s", "0", "--config", str(config)),
               tmp_path / "coordinator.log", env=ENV)
     ip = lab.host(0).ip
     maddr = wait_for(lambda: maddrs.exists() and next((m for m in maddrs.read_text().split() if f"/ip4/{ip}/" in m),
@@ -114,13 +116,14 @@ def test_a_cut_peer_keeps_training_survivors_barely_stall_and_it_rejoins(lab_fac
 
 @pytest.mark.timeout(360)
 def test_max_upload_mbps_holds_on_the_interface(lab_factory, tmp_path):
-    cap = 1.0
+    cap = 3.0
     lab = lab_factory(3)
-    start_swarm(lab, tmp_path, 2, "--max-upload-mbps", str(cap))
+    # without communication-aware routing half the expert calls are remote: the peers would send more than the cap
+    start_swarm(lab, tmp_path, 2, "--max-upload-mbps", str(cap), manifest="[manifest.expert_pool]\ncomm_cost_weight = 0.0\n")
     with netlab.UploadMeter(lab, 1) as meter_1, netlab.UploadMeter(lab, 2) as meter_2:
         time.sleep(40)
     worst = max(meter_1.max_rate_mbps(window_s=10.0), meter_2.max_rate_mbps(window_s=10.0))
     mean = min(meter_1.mean_rate_mbps(), meter_2.mean_rate_mbps())
     print({"worst_10s_mbps": worst, "least_mean_mbps": mean})
     assert worst <= cap * 1.1  # the goal: within 10% over any 10 s window, on the lab interface's own counters
-    assert mean >= cap * 0.3  # the peers did use their budget (else the test proves nothing)
+    assert mean >= cap * 0.5  # the peers did use their budget (else the test proves nothing)

@@ -224,3 +224,39 @@ def test_a_cancelled_booking_is_given_back():
     budget.cancel(500_000, INTERACTIVE, now=0.1)
     assert budget.schedule(100_000, INTERACTIVE, now=0.1) == pytest.approx(0.4)
     assert budget.sent[INTERACTIVE] == 600_000
+
+
+SS_OUTPUT = """ESTAB 0      0      10.0.0.2:45027 10.0.0.4:45891 users:(("p2pd",pid=26049,fd=15))
+\t bbr wscale:10,10 rto:208 mss:1448 bytes_sent:4114795 bytes_retrans:21455 bytes_acked:4093340 segs_out:16129
+ESTAB 468    0      10.0.0.2:45027 10.0.0.1:37441 users:(("p2pd",pid=26049,fd=12))
+\t cubic wscale:10,10 rto:212 bytes_sent:4064175 bytes_acked:4040127 bytes_received:4092957
+ESTAB 0      0      10.0.0.2:51234 10.0.0.9:80 users:(("curl",pid=777,fd=3))
+\t cubic bytes_sent:999999
+"""
+
+
+def test_what_p2pd_sends_is_read_from_its_sockets_only():
+    from swarmtrain.dht.uplink import parse_ss
+
+    assert parse_ss(SS_OUTPUT, [26049]) == {("10.0.0.2:45027", "10.0.0.4:45891"): 4114795 + 66 * 16129,
+                                            ("10.0.0.2:45027", "10.0.0.1:37441"): 4064175}  # no segs_out given
+    assert parse_ss(SS_OUTPUT, [1]) == {}
+
+
+def test_the_paced_rate_is_what_unpaced_traffic_leaves_of_the_cap():
+    from swarmtrain.dht.uplink import MARGIN, UplinkMonitor, paced_rate
+
+    cap = 1e6 / 8  # 1 Mbit/s
+    assert paced_rate(cap, sent_per_s=100_000, paced_per_s=60_000) == pytest.approx(cap * (1 - MARGIN) - 40_000)
+    assert paced_rate(cap, sent_per_s=10 * cap, paced_per_s=0) == pytest.approx(0.1 * cap)  # never stops pacing
+    # the monitor: 50 kB/s leave unpaced (e.g. the DHT's records); the budget gets the rest of the cap
+    budget = UploadBudget(1.0)
+    readings = iter([0, 150_000, 300_000])
+    monitor = UplinkMonitor(budget, read_ss=lambda: SS_OUTPUT.replace("4114795", str(next(readings)))
+                            .replace("segs_out:16129", "segs_out:0"),
+                            pids=lambda: [26049])
+    monitor.baseline()
+    for _ in range(2):
+        budget.sent[BULK] += 100_000  # what we paced in that second
+        rate = monitor.update(1.0)
+    assert rate == pytest.approx(cap * (1 - MARGIN) - 50_000) and budget.rate == rate
