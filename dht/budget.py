@@ -53,8 +53,7 @@ class UploadBudget:
         self.mbps = mbps
         self.rate = None if mbps is None else mbps * 1e6 / 8 * (1 - overhead)  # bytes per second
         self._free_at = {INTERACTIVE: 0.0, BULK: 0.0}
-        self.sent = {INTERACTIVE: 0, BULK: 0}
-        self.waited_s = {INTERACTIVE: 0.0, BULK: 0.0}
+        self.sent = {INTERACTIVE: 0, BULK: 0}  # bytes booked per class (read by dht.uplink.UplinkMonitor)
 
     @property
     def limited(self) -> bool:
@@ -81,9 +80,7 @@ class UploadBudget:
         else:
             start = max(now, self._free_at[BULK], self._free_at[INTERACTIVE])
             self._free_at[BULK] = start + duration
-        wait = start - now
-        self.waited_s[kind] += wait
-        return wait
+        return start - now
 
     def cancel(self, nbytes: int, kind: str, now: float) -> None:
         """Give back a booking whose writer gave up before its turn (its bytes were never sent)."""

@@ -12,10 +12,12 @@ per expert: opening a libp2p stream per request would cost ~10x more CPU than th
 
 This replaces hivemind's ``RemoteMixtureOfExperts``, which issues one RPC per (sample, expert) pair.
 
-Failures never raise out of ``dispatch``: an expert whose hosts all fail or time out (``timeout_s`` per expert) is
-marked not answered (the model renormalises its gates over answered choices) and its host is banned with
-exponential backoff, then retried. A failed backward call leaves zero gradient for its rows, is logged and counted
-in :attr:`RemoteDispatcher.stats`.
+Failures never raise out of ``dispatch``: an expert whose hosts all fail or miss their deadlines (per host, from
+its measured latency: :mod:`~swarmtrain.expert_pool.links`; at most ``timeout_s`` in all) is marked not answered
+(the model renormalises its gates over answered choices); a host that answered nothing since the request left is
+banned with exponential backoff (0.5 s to 8 s), then retried, while a merely slow one is not. A forward is hedged
+to a second replica when the first is late. A failed backward call leaves zero gradient for its rows, is logged
+and counted in :attr:`RemoteDispatcher.stats`.
 """
 from __future__ import annotations
 
